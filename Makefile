@@ -1,0 +1,31 @@
+# make test: lint + the whole test suite; make demo: the main job; make bench: the benchmarks.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/multimodal demo
+
+bench: install
+	$(PY) bench/attention.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

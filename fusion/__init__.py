@@ -1,0 +1,1 @@
+"""Cross-modal attention: fusion blocks and encoders."""

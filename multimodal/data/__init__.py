@@ -1,0 +1,1 @@
+"""Webdataset shard writing and reading, datamodules and the bundled demo dataset."""

@@ -1,0 +1,1 @@
+"""Composite vision-language models (CLIP, captioner, VQA): plain nn.Modules, no Lightning."""

@@ -1,0 +1,1 @@
+"""Text towers: tokenizers, encoder / decoder / encoder-decoder models, generation, heads."""

@@ -1,0 +1,1 @@
+"""Image towers: ViT patch encoder, timm backbones, image transforms."""
