@@ -10,10 +10,9 @@ dispatched before LightningCLI sees the arguments.
 from __future__ import annotations
 
 import sys
+from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable
 from typing import NamedTuple
-
-from argparse import RawDescriptionHelpFormatter
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI

@@ -198,7 +198,9 @@ def banded_attend(
     qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n_blocks, c, D)
     mask = mask.expand(B, n_blocks, c, span).reshape(B * n_blocks, 1, c, span)
     if bias is not None:
-        bias = bias.transpose(0, 1).expand(B, n_blocks, H, c, span).reshape(B * n_blocks, H, c, span)
+        bias = (
+            bias.transpose(0, 1).expand(B, n_blocks, H, c, span).reshape(B * n_blocks, H, c, span)
+        )
     out, _ = attend(fold(qb), fold(kw), fold(vw), mask=mask, bias=bias, dropout_p=dropout_p)
     out = out.view(B, n_blocks, H, c, D).transpose(1, 2).reshape(B, H, n_blocks * c, D)[:, :, :T]
     if n_global_tokens and not causal:
@@ -323,7 +325,7 @@ class Attention(nn.Module):
             self.window is not None
             and offset == 0
             and not return_attention
-            and T >= 2 * max(self.window, 64)
+            and 2 * max(self.window, 64) <= T
         ):
             out = banded_attend(
                 q,

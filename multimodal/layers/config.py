@@ -85,7 +85,9 @@ class TransformerConfig:
                 f"choose one of {list(POSITIONS)}"
             )
         if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"{prefix}position='rope' needs an even head size, got {self.head_dim}")
+            raise ValueError(
+                f"{prefix}position='rope' needs an even head size, got {self.head_dim}"
+            )
         if self.position == "sinusoidal" and self.dim % 2:
             raise ValueError(f"{prefix}position='sinusoidal' needs an even dim, got {self.dim}")
         if self.max_positions <= 0:

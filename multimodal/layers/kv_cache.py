@@ -59,4 +59,3 @@ def _grow(buffer: Tensor, size: int) -> Tensor:
     grown = buffer.new_empty(*buffer.shape[:2], size, buffer.shape[3])
     grown[:, :, : buffer.shape[2]] = buffer
     return grown
-

@@ -26,7 +26,9 @@ ACTIVATIONS: dict[str, tuple[type[nn.Module], bool]] = {
 def check_activation(name: str, field: str = "activation") -> None:
     """Raise ValueError naming `field` when `name` is not a known activation."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"{field}={name!r} is not a known activation; choose one of {sorted(ACTIVATIONS)}")
+        raise ValueError(
+            f"{field}={name!r} is not a known activation; choose one of {sorted(ACTIVATIONS)}"
+        )
 
 
 class FeedForward(nn.Module):

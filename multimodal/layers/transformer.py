@@ -61,7 +61,9 @@ class Transformer(nn.Module):
             )
         rates = torch.linspace(0, c.drop_path, c.n_layers).tolist() if c.n_layers else []
         self.blocks = nn.ModuleList(TransformerBlock(c, rate) for rate in rates)
-        self.norm = create_norm(c.norm, c.dim, c.norm_eps) if c.norm_order == "pre" else nn.Identity()
+        self.norm = (
+            create_norm(c.norm, c.dim, c.norm_eps) if c.norm_order == "pre" else nn.Identity()
+        )
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -71,7 +73,9 @@ class Transformer(nn.Module):
     def init_cache(self, capacity: int = 64) -> list[BlockCache]:
         """Empty KV caches for incremental decoding, one per block."""
         cross = self.config.cross_attention
-        return [BlockCache(KVCache(capacity), KVCache(capacity) if cross else None) for _ in self.blocks]
+        return [
+            BlockCache(KVCache(capacity), KVCache(capacity) if cross else None) for _ in self.blocks
+        ]
 
     def forward(
         self,
@@ -91,7 +95,9 @@ class Transformer(nn.Module):
         """
         c = self.config
         if x.dim() != 3 or x.shape[-1] != c.dim:
-            raise ValueError(f"expected input of shape (batch, tokens, {c.dim}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected input of shape (batch, tokens, {c.dim}), got {tuple(x.shape)}"
+            )
         if c.cross_attention and context is None:
             raise ValueError("this stack has cross-attention: pass context=(batch, tokens, dim)")
         if context is not None and not c.cross_attention:
@@ -135,6 +141,8 @@ class Transformer(nn.Module):
             hidden=self.norm(x),
             aux_loss=aux_loss,
             attentions=tuple(attentions) if return_attention else None,
-            cross_attentions=tuple(cross_attentions) if return_attention and c.cross_attention else None,
+            cross_attentions=tuple(cross_attentions)
+            if return_attention and c.cross_attention
+            else None,
             moe=tuple(moe),
         )

@@ -83,7 +83,9 @@ def alibi_bias(slopes: list[float], n_queries: int, n_keys: int, offset: int = 0
     return bias
 
 
-def t5_bucket_scalar(relative: int, bidirectional: bool, num_buckets: int, max_distance: int) -> int:
+def t5_bucket_scalar(
+    relative: int, bidirectional: bool, num_buckets: int, max_distance: int
+) -> int:
     """T5's bucket of one relative position (key - query), from the definition in the T5 paper
     and its reference code: half the buckets exact, the rest logarithmic up to max_distance."""
     bucket = 0

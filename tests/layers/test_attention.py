@@ -63,7 +63,9 @@ def reference_bias(position: str, module, n_heads: int, T: int) -> torch.Tensor 
         buckets = torch.tensor(
             [
                 [
-                    t5_bucket_scalar(j - i, module.bidirectional, module.num_buckets, module.max_distance)
+                    t5_bucket_scalar(
+                        j - i, module.bidirectional, module.num_buckets, module.max_distance
+                    )
                     for j in range(T)
                 ]
                 for i in range(T)
@@ -138,7 +140,9 @@ def test_returned_weights_equal_naive_weights_and_output(causal):
         fast = attn(x, key_padding_mask=padding)
         explicit = attn(x, key_padding_mask=padding, return_attention=True)
         q, k, v = split_qkv(attn, x)
-        _, weights = naive_attention(q, k, v, brute_force_mask(B, T, T, causal=causal, padding=padding), None)
+        _, weights = naive_attention(
+            q, k, v, brute_force_mask(B, T, T, causal=causal, padding=padding), None
+        )
     assert fast.weights is None
     torch.testing.assert_close(explicit.weights, weights, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(explicit.output, fast.output, atol=1e-5, rtol=1e-5)
@@ -174,7 +178,11 @@ def test_gqa_equals_mha_with_key_value_heads_repeated():
         q_b, k_b, v_b = gqa.qkv.bias.split([dim, H_kv * D, H_kv * D])
 
         def repeat(w):  # kv head h serves query heads h*group .. (h+1)*group-1
-            return w.view(H_kv, D, *w.shape[1:]).repeat_interleave(H // H_kv, dim=0).reshape(dim, *w.shape[1:])
+            return (
+                w.view(H_kv, D, *w.shape[1:])
+                .repeat_interleave(H // H_kv, dim=0)
+                .reshape(dim, *w.shape[1:])
+            )
 
         mha.qkv.weight.copy_(torch.cat([q_w, repeat(k_w), repeat(v_w)]))
         mha.qkv.bias.copy_(torch.cat([q_b, repeat(k_b), repeat(v_b)]))
@@ -211,7 +219,9 @@ def test_banded_equals_dense_masked_attention(causal, n_global, n_kv, with_bias,
     padding = right_padding(B, T)
     bias = ALiBi(H) if with_bias else None
     positions = torch.arange(T)
-    mask = position_mask(positions, positions, causal=causal, window=window, n_global_tokens=n_global)
+    mask = position_mask(
+        positions, positions, causal=causal, window=window, n_global_tokens=n_global
+    )
     dense_bias = None if bias is None else bias(positions - positions[:, None])
     expected, _ = attend(q, k, v, mask=mask & padding[:, None, None, :], bias=dense_bias)
     ours = banded_attend(
@@ -254,7 +264,9 @@ def test_rope_scores_depend_only_on_position_differences():
     cos, sin = rope(torch.arange(T))
     from multimodal.layers import apply_rotary
 
-    torch.testing.assert_close(apply_rotary(q, cos, sin), naive_rope(q, torch.arange(T)), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        apply_rotary(q, cos, sin), naive_rope(q, torch.arange(T)), atol=1e-6, rtol=1e-5
+    )
 
 
 def test_rope_linear_scaling_divides_positions():
@@ -267,7 +279,10 @@ def test_rope_linear_scaling_divides_positions():
     from multimodal.layers import apply_rotary
 
     torch.testing.assert_close(
-        apply_rotary(x, *scaled(positions)), naive_rope(x, positions, scaling=4.0), atol=1e-6, rtol=1e-5
+        apply_rotary(x, *scaled(positions)),
+        naive_rope(x, positions, scaling=4.0),
+        atol=1e-6,
+        rtol=1e-5,
     )
 
 

@@ -1,0 +1,62 @@
+"""The `multimodal` command: help, the platform commands, and every YAML config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "multimodal", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_help_lists_lightning_and_platform_commands():
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("fit", "validate", "test", "predict", "demo"):
+        assert command in result.stdout
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("multimodal")
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "fit" in result.stdout
+
+
+def test_demo_says_it_is_not_built_and_fails():
+    result = run("demo")
+    assert result.returncode != 0
+    assert "not built yet" in result.stderr
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
+def test_every_config_parses(config):
+    result = run("fit", "--config", str(config), "--print_config")
+    assert result.returncode == 0, result.stderr
+    assert "class_path" in result.stdout
+
+
+def test_fit_runs_the_smoke_config(tmp_path):
+    result = run(
+        "fit",
+        "--config",
+        str(ROOT / "configs/smoke/boring.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.enable_progress_bar",
+        "false",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "max_steps=4" in result.stdout + result.stderr
