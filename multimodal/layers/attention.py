@@ -21,6 +21,8 @@ from multimodal.layers.kv_cache import KVCache
 from multimodal.layers.masks import merge_padding, position_mask
 from multimodal.layers.position import apply_rotary
 
+BAND_BLOCK = 64  # query block of banded sliding-window attention
+
 # maps relative positions (key - query) of any shape (...) to a score bias (H, ...)
 PositionBias = Callable[[Tensor], Tensor]
 
@@ -142,15 +144,17 @@ def banded_attend(
 ) -> Tensor:
     """Sliding-window self-attention of q, k, v (B, H, T, D) computed block by block.
 
-    Queries are cut into blocks of `block` tokens; each block attends to the keys of its own
-    span plus `window - 1` on the side(s) the mask allows, so the cost is about
-    T * (block + 2 * window) instead of T * T. Global tokens (the first `n_global_tokens`)
-    are added as keys to every block and, without causal masking, attend to all keys.
+    Queries are cut into blocks of `block` tokens (default 64: smaller blocks waste less of
+    the band on masked pairs, larger ones copy fewer overlapping key windows); each block
+    attends to the keys of its own span plus `window - 1` on the side(s) the mask allows, so
+    time and memory grow with T * (block + 2 * window) instead of T * T. Global tokens (the
+    first `n_global_tokens`) are added as keys to every block and, without causal masking,
+    attend to all keys.
     Equal to `attend` with the dense `position_mask`.
     """
     B, H, T, D = q.shape
     H_kv = k.shape[1]
-    c = block or max(window, 64)
+    c = block or BAND_BLOCK
     left, right = window - 1, 0 if causal else window - 1
     n_blocks = -(-T // c)
     pad = n_blocks * c - T
