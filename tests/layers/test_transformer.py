@@ -285,3 +285,42 @@ def test_bad_config_names_the_field(kwargs, field):
 def test_unknown_norm_lists_the_choices():
     with pytest.raises(ValueError, match="layernorm"):
         create_norm("groupnorm", 8)
+
+
+def test_cross_attention_keys_and_values_are_computed_once_per_sequence():
+    model = Transformer(decoder_config(cross_attention=True, context_dim=24)).eval()
+    calls = []
+    model.blocks[0].cross_attn.kv.register_forward_hook(lambda *_: calls.append(1))
+    context = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        cache = model.init_cache()
+        for _ in range(4):
+            model(torch.randn(2, 1, 32), context=context, cache=cache)
+    assert len(calls) == 1
+    assert cache[0].cross_attn.length == 5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"position": "alibi", "window": 8},
+        {"position": "t5", "causal": False},
+        {"n_experts": 4, "activation": "swiglu", "norm": "rmsnorm"},
+        {"cross_attention": True},
+    ],
+    ids=["rope", "alibi-window", "t5", "moe-swiglu-rmsnorm", "cross"],
+)
+def test_bf16_autocast_stays_close_to_fp32(overrides):
+    model = Transformer(decoder_config(**overrides))
+    x = torch.randn(2, 160, 32)  # long enough for the banded sliding-window path
+    context = torch.randn(2, 7, 32) if model.config.cross_attention else None
+    expected = model(x, context=context).hidden
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, context=context)
+        out.hidden.float().pow(2).mean().backward()
+    assert out.hidden.dtype in (torch.bfloat16, torch.float32)
+    assert torch.isfinite(out.hidden).all()
+    # bf16 keeps ~3 significant digits; errors stay well below the activations' unit scale
+    assert (out.hidden.float() - expected).abs().mean() < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
