@@ -3,6 +3,7 @@ mixture of experts), each a residual branch with a norm before (pre-norm) or aft
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 from timm.layers import DropPath
@@ -43,31 +44,21 @@ class TransformerBlock(nn.Module):
         c = config
         self.prenorm = c.norm_order == "pre"
         self.norm1 = create_norm(c.norm, c.dim, c.norm_eps)
-        self.attn = Attention(
+        attention = partial(
+            Attention,
             c.dim,
             c.n_heads,
             c.n_kv_heads,
-            causal=c.causal,
-            window=c.window,
-            n_global_tokens=c.n_global_tokens,
             bias=c.bias,
             dropout=c.attn_dropout,
             proj_dropout=c.dropout,
         )
+        self.attn = attention(causal=c.causal, window=c.window, n_global_tokens=c.n_global_tokens)
         self.cross_norm: nn.Module | None = None
         self.cross_attn: Attention | None = None
         if c.cross_attention:
             self.cross_norm = create_norm(c.norm, c.dim, c.norm_eps)
-            self.cross_attn = Attention(
-                c.dim,
-                c.n_heads,
-                c.n_kv_heads,
-                cross=True,
-                context_dim=c.context_dim,
-                bias=c.bias,
-                dropout=c.attn_dropout,
-                proj_dropout=c.dropout,
-            )
+            self.cross_attn = attention(cross=True, context_dim=c.context_dim)
         self.norm2 = create_norm(c.norm, c.dim, c.norm_eps)
         self.mlp: nn.Module
         if c.n_experts:

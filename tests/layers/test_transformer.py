@@ -19,6 +19,29 @@ from multimodal.layers import (
 )
 
 
+def torch_layer_and_block(
+    layer_class, norm_order: str, **config
+) -> tuple[nn.Module, TransformerBlock]:
+    """A torch encoder/decoder layer and our block with its weights copied in."""
+    dim, H, hidden = 32, 4, 64
+    layer = layer_class(
+        dim,
+        H,
+        hidden,
+        dropout=0.0,
+        activation="gelu",
+        batch_first=True,
+        norm_first=norm_order == "pre",
+    ).eval()
+    block = TransformerBlock(
+        TransformerConfig(
+            dim=dim, n_layers=1, n_heads=H, mlp_hidden_dim=hidden, norm_order=norm_order, **config
+        )
+    ).eval()
+    copy_torch_layer(block, layer)
+    return layer, block
+
+
 def copy_torch_layer(block: TransformerBlock, layer: nn.Module) -> None:
     """Load a torch TransformerEncoderLayer / TransformerDecoderLayer into our block."""
     with torch.no_grad():
@@ -43,21 +66,8 @@ def copy_torch_layer(block: TransformerBlock, layer: nn.Module) -> None:
 
 @pytest.mark.parametrize("norm_order", ["pre", "post"])
 def test_block_matches_torch_encoder_layer(norm_order):
-    dim, H, hidden = 32, 4, 64
-    config = TransformerConfig(
-        dim=dim, n_layers=1, n_heads=H, mlp_hidden_dim=hidden, norm_order=norm_order
-    )
-    block = TransformerBlock(config).eval()
-    layer = nn.TransformerEncoderLayer(
-        dim,
-        H,
-        hidden,
-        dropout=0.0,
-        activation="gelu",
-        batch_first=True,
-        norm_first=norm_order == "pre",
-    ).eval()
-    copy_torch_layer(block, layer)
+    layer, block = torch_layer_and_block(nn.TransformerEncoderLayer, norm_order)
+    dim = 32
     x = torch.randn(2, 9, dim)
     padding = torch.ones(2, 9, dtype=torch.bool)
     padding[1, 6:] = False
@@ -70,27 +80,10 @@ def test_block_matches_torch_encoder_layer(norm_order):
 
 @pytest.mark.parametrize("norm_order", ["pre", "post"])
 def test_cross_attention_block_matches_torch_decoder_layer(norm_order):
-    dim, H, hidden, T, S = 32, 4, 64, 7, 11
-    config = TransformerConfig(
-        dim=dim,
-        n_layers=1,
-        n_heads=H,
-        mlp_hidden_dim=hidden,
-        causal=True,
-        cross_attention=True,
-        norm_order=norm_order,
+    layer, block = torch_layer_and_block(
+        nn.TransformerDecoderLayer, norm_order, causal=True, cross_attention=True
     )
-    block = TransformerBlock(config).eval()
-    layer = nn.TransformerDecoderLayer(
-        dim,
-        H,
-        hidden,
-        dropout=0.0,
-        activation="gelu",
-        batch_first=True,
-        norm_first=norm_order == "pre",
-    ).eval()
-    copy_torch_layer(block, layer)
+    dim, T, S = 32, 7, 11
     x, memory = torch.randn(2, T, dim), torch.randn(2, S, dim)
     memory_padding = torch.ones(2, S, dtype=torch.bool)
     memory_padding[0, 8:] = False
