@@ -9,6 +9,7 @@ from multimodal.layers.masks import merge_padding, position_mask
 from multimodal.layers.mlp import FeedForward
 from multimodal.layers.moe import MoEFeedForward, MoEStats
 from multimodal.layers.norm import create_norm
+from multimodal.layers.pool import AttentionPool
 from multimodal.layers.position import (
     ALiBi,
     LearnedPositionEmbedding,
@@ -22,6 +23,7 @@ from multimodal.layers.transformer import Transformer, TransformerOutput
 __all__ = [
     "ALiBi",
     "Attention",
+    "AttentionPool",
     "AttentionOutput",
     "BlockCache",
     "BlockOutput",

@@ -30,8 +30,9 @@ class TransformerConfig:
     `mlp_hidden_dim` or mlp_ratio * dim. `n_experts` > 0 makes it a mixture of experts with
     `moe_top_k` routing and `moe_capacity_factor`.
 
-    Norms: `norm` "layernorm" or "rmsnorm", `norm_order` "pre" (a final norm closes the stack)
-    or "post" (the original Transformer and BERT). `drop_path` is the stochastic depth rate of
+    Norms: `norm` "layernorm" or "rmsnorm", `norm_order` "pre" (a final norm closes the stack
+    unless `final_norm=False`, for models that normalise after pooling) or "post" (the
+    original Transformer and BERT). `drop_path` is the stochastic depth rate of
     the last block, rising linearly from 0 at the first.
     """
 
@@ -59,6 +60,7 @@ class TransformerConfig:
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     norm_order: str = "pre"
+    final_norm: bool = True
     bias: bool = True
     dropout: float = 0.0
     attn_dropout: float = 0.0

@@ -43,6 +43,9 @@ class LearnedPositionEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(max_positions, dim))
         nn.init.normal_(self.weight, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"weight"}
+
     def forward(self, positions: Tensor) -> Tensor:
         return self.weight[positions]
 

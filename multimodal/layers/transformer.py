@@ -61,9 +61,8 @@ class Transformer(nn.Module):
             )
         rates = torch.linspace(0, c.drop_path, c.n_layers).tolist() if c.n_layers else []
         self.blocks = nn.ModuleList(TransformerBlock(c, rate) for rate in rates)
-        self.norm = (
-            create_norm(c.norm, c.dim, c.norm_eps) if c.norm_order == "pre" else nn.Identity()
-        )
+        final_norm = c.norm_order == "pre" and c.final_norm
+        self.norm = create_norm(c.norm, c.dim, c.norm_eps) if final_norm else nn.Identity()
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -1,0 +1,103 @@
+"""Image classification: any image tower + a linear head, trained with cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from timm.data import Mixup
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from multimodal.models.classifier import ImageClassificationModel
+from multimodal.tasks.optim import OptimConfig, build_optimizer
+
+
+class ImageClassifier(LightningModule):
+    """Cross-entropy with label smoothing, optional mixup/cutmix (timm), top-1/top-5 accuracy,
+    AdamW (no decay on norms, biases, embeddings) with warmup + cosine.
+
+    Args:
+        encoder: the image tower (`vision.ViT`, `vision.TimmEncoder`, or any module returning
+            `ImageEncoderOutput` with an `out_dim`).
+        num_classes: classes of the head.
+        label_smoothing: mass spread over the other classes.
+        mixup_alpha, cutmix_alpha: Beta parameters of mixup / cutmix (0 = off); with either on,
+            the batch size must be even.
+        head_dropout: dropout before the head.
+        optim: optimiser and schedule.
+        grad_checkpointing: recompute the tower's activations in backward (less memory).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        *,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        head_dropout: float = 0.0,
+        optim: OptimConfig | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        self.save_hyperparameters(ignore=["encoder"])
+        self.model = ImageClassificationModel(encoder, num_classes, head_dropout)
+        if grad_checkpointing:
+            encoder.set_grad_checkpointing(True)
+        self.optim = optim or OptimConfig()
+        self.label_smoothing = label_smoothing
+        self.mixup: Mixup | None = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+        top5 = min(5, num_classes)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)  # soft targets, smoothing included
+            logits = self(images)
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = self(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            self.train_acc1(logits, labels)
+            self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
+        acc1(logits, labels)
+        acc5(logits, labels)
+        self.log(f"{stage}/loss", loss, sync_dist=True)
+        self.log(f"{stage}/acc1", acc1, prog_bar=True)
+        self.log(f"{stage}/acc5", acc5)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self.model, self.optim, int(self.trainer.estimated_stepping_batches))

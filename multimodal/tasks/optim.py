@@ -1,0 +1,101 @@
+"""Optimiser set-up shared by every task: AdamW with weight decay on weight matrices only,
+and a linear-warmup + cosine learning-rate schedule stepped every optimiser step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+@runtime_checkable
+class HasNoWeightDecay(Protocol):
+    """Modules (ours and timm's) that name parameters which are embeddings, not weights."""
+
+    def no_weight_decay(self) -> set[str]: ...
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule; validated on creation.
+
+    `warmup_steps` of linear warmup from 0, then cosine decay to `min_lr_ratio` * lr at
+    `total_steps` (None: the Trainer's estimate of the run's optimiser steps).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        prefix = "OptimConfig."
+        if self.lr <= 0:
+            raise ValueError(f"{prefix}lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"{prefix}weight_decay={self.weight_decay} must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{prefix}betas={self.betas} must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"{prefix}warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"{prefix}min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.total_steps is not None and self.total_steps <= 0:
+            raise ValueError(f"{prefix}total_steps={self.total_steps} must be > 0")
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of parameters that get no weight decay: biases and norm scales (fewer than
+    2 dimensions), embedding tables, and what modules list in `no_weight_decay()`."""
+    names = set()
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, HasNoWeightDecay):
+            names |= {dot + name for name in module.no_weight_decay()}
+        if isinstance(module, nn.Embedding):
+            names.add(dot + "weight")
+    names |= {name for name, p in model.named_parameters() if p.ndim < 2}
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: weight matrices with `weight_decay`, everything else without."""
+    skip = no_weight_decay_names(model)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> float:
+    """Learning-rate multiplier at `step`: (step + 1) / warmup during warmup, then a cosine
+    from 1 down to min_lr_ratio at total_steps (and flat after)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: int) -> dict:
+    """AdamW + warmup-cosine schedule in the form LightningModule.configure_optimizers returns."""
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
+    )
+    total = config.total_steps or total_steps
+    schedule = LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, config.warmup_steps, total, config.min_lr_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
