@@ -51,7 +51,8 @@ class ImageTransformConfig:
             raise ValueError(f"{prefix}image_size={self.image_size} must be > 0")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(
-                f"{prefix}normalization={self.normalization!r} must be one of {sorted(NORMALIZATIONS)}"
+                f"{prefix}normalization={self.normalization!r} must be one of "
+                f"{sorted(NORMALIZATIONS)}"
             )
         low, high = self.train_scale
         if not 0 < low <= high <= 1:
@@ -62,13 +63,15 @@ class ImageTransformConfig:
             raise ValueError(f"{prefix}hflip={self.hflip} must be a probability")
         if self.randaugment is not None and not self.randaugment.startswith("rand"):
             raise ValueError(
-                f"{prefix}randaugment={self.randaugment!r} must be a timm string like 'rand-m9-mstd0.5'"
+                f"{prefix}randaugment={self.randaugment!r} must be a timm RandAugment string "
+                "such as 'rand-m9-mstd0.5'"
             )
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"{prefix}crop_pct={self.crop_pct} must be in (0, 1]")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
-                f"{prefix}interpolation={self.interpolation!r} must be one of {list(INTERPOLATIONS)}"
+                f"{prefix}interpolation={self.interpolation!r} must be one of "
+                f"{list(INTERPOLATIONS)}"
             )
 
     @property
