@@ -60,3 +60,23 @@ def test_fit_runs_the_smoke_config(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "max_steps=4" in result.stdout + result.stderr
+
+
+def test_vit_digits_config_trains_and_tests(tmp_path):
+    config = str(ROOT / "configs/vision/vit_digits.yaml")
+    common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    fit = run(
+        "fit",
+        "--config",
+        config,
+        *common,
+        "--trainer.max_steps",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+    )
+    assert fit.returncode == 0, fit.stderr
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    test = run("test", "--config", config, *common, "--ckpt_path", str(checkpoint))
+    assert test.returncode == 0, test.stderr
+    assert "test/acc1" in test.stdout
