@@ -26,6 +26,7 @@ demo: install
 
 bench: install
 	$(PY) bench/attention.py
+	$(PY) bench/vit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
