@@ -7,7 +7,7 @@ import os
 import timm
 from torch import Tensor, nn
 
-from vision.output import ImageEncoderOutput
+from multimodal.layers import TowerOutput
 
 
 def create_timm_model(
@@ -74,11 +74,11 @@ class TimmEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    def forward(self, images: Tensor) -> ImageEncoderOutput:
+    def forward(self, images: Tensor) -> TowerOutput:
         features = self.model.forward_features(images)
         pooled = self.model.forward_head(features, pre_logits=True)
         if features.dim() == 4:  # CNN feature map (B, C, H, W)
             tokens = features.flatten(2).transpose(1, 2)
         else:  # transformer tokens (B, prefix + N, C)
             tokens = features[:, self.n_prefix :]
-        return ImageEncoderOutput(pooled, tokens)
+        return TowerOutput(pooled, tokens)

@@ -8,8 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from multimodal.layers import AttentionPool, Transformer, TransformerConfig, create_norm
-from vision.output import ImageEncoderOutput
+from multimodal.layers import (
+    AttentionPool,
+    TowerOutput,
+    Transformer,
+    TransformerConfig,
+    create_norm,
+)
 from vision.patch_embed import PatchEmbed
 from vision.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 from vision.timm_encoder import create_timm_model
@@ -112,7 +117,7 @@ class ViTConfig:
 class ViT(nn.Module):
     """Image tower: patches -> [class, registers, patches] tokens -> pre-norm blocks -> pool.
 
-    Returns `ImageEncoderOutput(pooled (B, dim), tokens (B, N, dim))` with the patch tokens
+    Returns `TowerOutput(pooled (B, dim), tokens (B, N, dim))` with the patch tokens
     only. Images of another size than `config.image_size` work when it is a multiple of the
     patch size: learned position embeddings are resampled to the new grid.
     """
@@ -170,7 +175,7 @@ class ViT(nn.Module):
             x = torch.cat([*prefix, x], dim=1)
         return self.pre_norm(self.pos_drop(x))
 
-    def forward(self, images: Tensor) -> ImageEncoderOutput:
+    def forward(self, images: Tensor) -> TowerOutput:
         """images: (B, in_channels, H, W) with H and W multiples of the patch size."""
         x = self.encoder(self._embed(images)).hidden  # (B, n_prefix + N, dim)
         tokens = x[:, self.config.n_prefix :]
@@ -180,7 +185,7 @@ class ViT(nn.Module):
             pooled = x[:, 0]
         else:
             pooled = tokens.mean(dim=1)
-        return ImageEncoderOutput(self.fc_norm(pooled), tokens)
+        return TowerOutput(self.fc_norm(pooled), tokens)
 
     @classmethod
     def from_timm(

@@ -18,6 +18,7 @@ from multimodal.layers.position import (
     SinusoidalPositionEmbedding,
     apply_rotary,
 )
+from multimodal.layers.tower import TowerOutput
 from multimodal.layers.transformer import Transformer, TransformerOutput
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "RotaryEmbedding",
     "SinusoidalPositionEmbedding",
     "Transformer",
+    "TowerOutput",
     "TransformerBlock",
     "TransformerConfig",
     "TransformerOutput",

@@ -32,8 +32,10 @@ class TransformerConfig:
 
     Norms: `norm` "layernorm" or "rmsnorm", `norm_order` "pre" (a final norm closes the stack
     unless `final_norm=False`, for models that normalise after pooling) or "post" (the
-    original Transformer and BERT). `drop_path` is the stochastic depth rate of
-    the last block, rising linearly from 0 at the first.
+    original Transformer and BERT); `input_norm` normalises the input after the position
+    embeddings (BERT's embedding LayerNorm). Dropout: `dropout` on every residual branch,
+    `attn_dropout` on attention weights, `input_dropout` on the input embeddings.
+    `drop_path` is the stochastic depth rate of the last block, rising linearly from 0.
     """
 
     dim: int = 512
@@ -61,9 +63,11 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     norm_order: str = "pre"
     final_norm: bool = True
+    input_norm: bool = False
     bias: bool = True
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    input_dropout: float = 0.0
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
@@ -125,7 +129,7 @@ class TransformerConfig:
             raise ValueError(
                 f"{prefix}norm_order={self.norm_order!r} must be one of {list(NORM_ORDERS)}"
             )
-        for name in ("dropout", "attn_dropout", "drop_path"):
+        for name in ("dropout", "attn_dropout", "input_dropout", "drop_path"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{prefix}{name}={value} must be in [0, 1)")

@@ -59,6 +59,8 @@ class Transformer(nn.Module):
                 num_buckets=c.relative_buckets,
                 max_distance=c.relative_max_distance,
             )
+        self.input_norm = create_norm(c.norm, c.dim, c.norm_eps) if c.input_norm else nn.Identity()
+        self.input_dropout = nn.Dropout(c.input_dropout)
         rates = torch.linspace(0, c.drop_path, c.n_layers).tolist() if c.n_layers else []
         self.blocks = nn.ModuleList(TransformerBlock(c, rate) for rate in rates)
         final_norm = c.norm_order == "pre" and c.final_norm
@@ -83,6 +85,7 @@ class Transformer(nn.Module):
         context: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         context_padding_mask: Tensor | None = None,
+        positions: Tensor | None = None,
         cache: list[BlockCache] | None = None,
         return_attention: bool = False,
     ) -> TransformerOutput:
@@ -90,6 +93,10 @@ class Transformer(nn.Module):
 
         context: (B, S, context_dim) for cross-attention, with context_padding_mask (B, S).
         key_padding_mask: (B, T) bool, True = real token; with a cache, (B, cached + T).
+        positions: (B, T) positions of the tokens for absolute and rotary embeddings, when
+            they differ per row (left-padded batches); default: cached length + 0 .. T-1.
+            Masks and relative biases always use the shared order, which padding does not
+            change for the real tokens.
         cache: from `init_cache`; x then holds the next tokens after the cached ones.
         """
         c = self.config
@@ -105,7 +112,10 @@ class Transformer(nn.Module):
             raise ValueError(f"cache has {len(cache)} layers, the stack has {len(self.blocks)}")
         T = x.shape[1]
         offset = cache[0].self_attn.length if cache else 0
-        positions = torch.arange(offset, offset + T, device=x.device)
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=x.device)
+        elif positions.shape != x.shape[:2]:
+            raise ValueError(f"positions must be (batch, tokens) = {tuple(x.shape[:2])}")
         if self.position_embedding is not None:
             if offset + T > c.max_positions:
                 raise ValueError(
@@ -113,7 +123,11 @@ class Transformer(nn.Module):
                     f"of the {c.position} position embedding"
                 )
             x = x + self.position_embedding(positions).to(x.dtype)
-        rope = self.rope(positions) if self.rope is not None else None
+        x = self.input_dropout(self.input_norm(x))
+        rope = None
+        if self.rope is not None:
+            cos, sin = self.rope(positions)  # (T, D) or (B, T, D)
+            rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
         attentions, cross_attentions, moe = [], [], []
         for i, block in enumerate(self.blocks):

@@ -9,7 +9,7 @@ class ImageClassificationModel(nn.Module):
     """logits = Linear(dropout(encoder(images).pooled)).
 
     Args:
-        encoder: an image tower returning `ImageEncoderOutput` and exposing `out_dim`
+        encoder: an image tower returning `TowerOutput` and exposing `out_dim`
             (`vision.ViT`, `vision.TimmEncoder`).
         num_classes: classes of the head.
         dropout: dropout before the head.

@@ -19,7 +19,7 @@ class ImageClassifier(LightningModule):
 
     Args:
         encoder: the image tower (`vision.ViT`, `vision.TimmEncoder`, or any module returning
-            `ImageEncoderOutput` with an `out_dim`).
+            `TowerOutput` with an `out_dim`).
         num_classes: classes of the head.
         label_smoothing: mass spread over the other classes.
         mixup_alpha, cutmix_alpha: Beta parameters of mixup / cutmix (0 = off); with either on,

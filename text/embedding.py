@@ -1,0 +1,44 @@
+"""Token (and segment) embeddings, and the length check every text model applies."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from text.config import TextConfig
+
+
+class TextEmbedding(nn.Module):
+    """input ids (B, T) [+ segment ids (B, T)] -> (B, T, dim). Positions are the stack's."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.token = nn.Embedding(config.vocab_size, config.dim)
+        self.segment = nn.Embedding(config.n_segments, config.dim) if config.n_segments else None
+        nn.init.normal_(self.token.weight, std=0.02)
+        if self.segment is not None:
+            nn.init.normal_(self.segment.weight, std=0.02)
+
+    def forward(self, input_ids: Tensor, segment_ids: Tensor | None = None) -> Tensor:
+        x = self.token(input_ids)
+        if segment_ids is not None:
+            if self.segment is None:
+                raise ValueError("segment_ids given, but the model has n_segments=0")
+            x = x + self.segment(segment_ids)
+        return x
+
+
+def fit_length(config: TextConfig, *tensors: Tensor | None, offset: int = 0) -> list[Tensor | None]:
+    """Check (or, with `config.truncate`, cut) (B, T, ...) tensors against max_positions.
+
+    `offset` counts tokens already in a KV cache.
+    """
+    length = next(t for t in tensors if t is not None).shape[1]
+    limit = config.max_positions - offset
+    if length <= limit:
+        return list(tensors)
+    if not config.truncate or limit <= 0:
+        raise ValueError(
+            f"input of {offset + length} tokens is longer than the model's maximum of "
+            f"{config.max_positions} positions (TextConfig.truncate=True cuts it instead)"
+        )
+    return [None if t is None else t[:, :limit] for t in tensors]

@@ -1,0 +1,40 @@
+"""Encoder-only model (BERT-like): bidirectional stack over tokens [+ segments]."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from multimodal.layers import Transformer, TransformerOutput
+from text.config import TextConfig
+from text.embedding import TextEmbedding, fit_length
+
+
+class EncoderLM(nn.Module):
+    """Token (+ segment) embeddings -> bidirectional stack; heads live in `text.heads`.
+
+    For BERT: learned positions, `transformer.norm_order="post"`, `input_norm=True`,
+    `n_segments=2`, and inputs `[CLS] a [SEP] (b [SEP])` from the tokenizer.
+    """
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        if config.transformer.causal:
+            raise ValueError("EncoderLM needs TextConfig.transformer.causal=False")
+        self.config = config
+        self.out_dim = config.dim
+        self.embed = TextEmbedding(config)
+        self.transformer = Transformer(config.transformer)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> TransformerOutput:
+        """input_ids, attention_mask (True = real token), segment_ids: (B, T)."""
+        input_ids, attention_mask, segment_ids = fit_length(
+            self.config, input_ids, attention_mask, segment_ids
+        )
+        x = self.embed(input_ids, segment_ids)
+        return self.transformer(x, key_padding_mask=attention_mask)
