@@ -1,1 +1,35 @@
 """Text towers: tokenizers, encoder / decoder / encoder-decoder models, generation, heads."""
+
+from text.config import TextConfig
+from text.decoder import DecoderLM
+from text.encoder import EncoderLM
+from text.encoder_decoder import EncoderDecoderLM
+from text.heads import (
+    MaskedLMHead,
+    NextSentenceHead,
+    QuestionAnsweringHead,
+    SequenceClassificationHead,
+    TextFeatures,
+    TokenClassificationHead,
+    best_spans,
+)
+from text.output import LMOutput
+from text.pooling import pool_tokens
+from text.text_encoder import TextEncoder
+
+__all__ = [
+    "DecoderLM",
+    "EncoderDecoderLM",
+    "EncoderLM",
+    "LMOutput",
+    "MaskedLMHead",
+    "NextSentenceHead",
+    "QuestionAnsweringHead",
+    "SequenceClassificationHead",
+    "TextConfig",
+    "TextEncoder",
+    "TextFeatures",
+    "TokenClassificationHead",
+    "best_spans",
+    "pool_tokens",
+]
