@@ -1,6 +1,7 @@
 """LightningModules, one per training objective."""
 
 from multimodal.tasks.classification import ImageClassifier
+from multimodal.tasks.language_modeling import CausalLM, MaskedLM, Seq2SeqLM, TextClassifier
 from multimodal.tasks.optim import OptimConfig
 
-__all__ = ["ImageClassifier", "OptimConfig"]
+__all__ = ["CausalLM", "ImageClassifier", "MaskedLM", "OptimConfig", "Seq2SeqLM", "TextClassifier"]

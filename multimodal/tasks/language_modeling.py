@@ -1,0 +1,240 @@
+"""Language-model training: causal (GPT), masked (BERT, with next-sentence prediction),
+sequence-to-sequence (T5), and text classification.
+
+Batches are the dicts of `multimodal.data.text`: token ids, a boolean attention mask (True =
+real token) and labels with -100 where nothing is predicted.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
+
+from multimodal.tasks.optim import OptimConfig, build_optimizer
+from text import (
+    DecoderLM,
+    EncoderDecoderLM,
+    EncoderLM,
+    MaskedLMHead,
+    NextSentenceHead,
+    SequenceClassificationHead,
+)
+
+IGNORE = -100
+Batch = dict[str, Tensor]
+
+
+class TokenPredictions(NamedTuple):
+    logits: Tensor  # (B, T, vocab) scores of the token at each labelled position
+    labels: Tensor  # (B, T), IGNORE where nothing is predicted
+    extra_loss: Tensor  # added to the token loss (MoE balance, next-sentence prediction)
+
+
+class TokenPredictionTask(LightningModule):
+    """Shared loop of the language-model tasks: cross-entropy over labelled tokens, token
+    accuracy and perplexity (torchmetrics), AdamW with warmup + cosine. A subclass says how a
+    batch becomes `TokenPredictions`."""
+
+    def __init__(self, vocab_size: int, optim: OptimConfig | None, label_smoothing: float) -> None:
+        super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        self.optim = optim or OptimConfig()
+        self.label_smoothing = label_smoothing
+        self.train_acc = MulticlassAccuracy(vocab_size, ignore_index=IGNORE, average="micro")
+        self.val_acc = MulticlassAccuracy(vocab_size, ignore_index=IGNORE, average="micro")
+        self.val_ppl = Perplexity(ignore_index=IGNORE)
+
+    def predictions(self, batch: Batch) -> TokenPredictions:
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        logits, labels, extra = self.predictions(batch)
+        token_loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=IGNORE,
+            label_smoothing=self.label_smoothing,
+        )
+        self.train_acc(logits.flatten(0, 1), labels.flatten())
+        self.log("train/loss", token_loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
+        return token_loss + extra
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits, labels, _ = self.predictions(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+        self.val_acc(logits.flatten(0, 1), labels.flatten())
+        self.val_ppl(logits.float(), labels)
+        self.log("val/loss", loss, sync_dist=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/ppl", self.val_ppl)
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+
+
+class CausalLM(TokenPredictionTask):
+    """Next-token prediction with a `DecoderLM`: position t predicts labels[t + 1].
+
+    Args:
+        model: the decoder.
+        optim: optimiser and schedule.
+        label_smoothing: of the token cross-entropy.
+        aux_loss_weight: weight of the mixture-of-experts balance loss.
+    """
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        *,
+        optim: OptimConfig | None = None,
+        label_smoothing: float = 0.0,
+        aux_loss_weight: float = 0.01,
+    ) -> None:
+        super().__init__(model.config.vocab_size, optim, label_smoothing)
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.aux_loss_weight = aux_loss_weight
+
+    def predictions(self, batch: Batch) -> TokenPredictions:
+        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        return TokenPredictions(out.logits[:, :-1], labels, self.aux_loss_weight * out.aux_loss)
+
+
+class Seq2SeqLM(TokenPredictionTask):
+    """Teacher-forced sequence-to-sequence training of an `EncoderDecoderLM` (plain pairs or
+    span corruption: the datamodule decides)."""
+
+    def __init__(
+        self,
+        model: EncoderDecoderLM,
+        *,
+        optim: OptimConfig | None = None,
+        label_smoothing: float = 0.0,
+        aux_loss_weight: float = 0.01,
+    ) -> None:
+        super().__init__(model.config.vocab_size, optim, label_smoothing)
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.aux_loss_weight = aux_loss_weight
+
+    def predictions(self, batch: Batch) -> TokenPredictions:
+        out = self.model(
+            batch["input_ids"],
+            batch["decoder_input_ids"],
+            attention_mask=batch["attention_mask"],
+            decoder_attention_mask=batch["decoder_attention_mask"],
+        )
+        return TokenPredictions(out.logits, batch["labels"], self.aux_loss_weight * out.aux_loss)
+
+
+class MaskedLM(TokenPredictionTask):
+    """BERT pretraining: masked-token prediction, plus next-sentence prediction when the
+    batches carry `next_sentence_label`.
+
+    Args:
+        encoder: the bidirectional encoder.
+        next_sentence: add the next-sentence head and loss.
+        optim: optimiser and schedule.
+    """
+
+    def __init__(
+        self,
+        encoder: EncoderLM,
+        *,
+        next_sentence: bool = False,
+        optim: OptimConfig | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(encoder.config.vocab_size, optim, label_smoothing)
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = encoder
+        tied = encoder.embed.token.weight if encoder.config.tie_embeddings else None
+        self.mlm_head = MaskedLMHead(encoder.config.dim, encoder.config.vocab_size, tied)
+        self.nsp_head = NextSentenceHead(encoder.config.dim) if next_sentence else None
+        self.nsp_acc = MulticlassAccuracy(2, average="micro")
+
+    def predictions(self, batch: Batch) -> TokenPredictions:
+        out = self.encoder(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            segment_ids=batch.get("segment_ids"),
+        )
+        extra = out.aux_loss
+        if self.nsp_head is not None:
+            nsp_logits = self.nsp_head(out.hidden)
+            target = batch["next_sentence_label"]
+            nsp_loss = F.cross_entropy(nsp_logits.float(), target)
+            self.nsp_acc(nsp_logits, target)
+            stage = "train" if self.training else "val"
+            self.log(f"{stage}/nsp_loss", nsp_loss, sync_dist=True)
+            self.log(f"{stage}/nsp_acc", self.nsp_acc)
+            extra = extra + nsp_loss
+        return TokenPredictions(self.mlm_head(out.hidden), batch["labels"], extra)
+
+
+class TextClassifier(LightningModule):
+    """Sequence classification: an `EncoderLM`, pooling ("cls", "mean"), dropout, linear.
+
+    Args:
+        encoder: the bidirectional encoder.
+        num_classes: classes.
+        pooling: how token features become one vector.
+        dropout: before the classifier.
+        freeze_encoder: train only the head (feature-based use of a pretrained encoder).
+        optim: optimiser and schedule.
+    """
+
+    def __init__(
+        self,
+        encoder: EncoderLM,
+        num_classes: int,
+        *,
+        pooling: str = "cls",
+        dropout: float = 0.1,
+        freeze_encoder: bool = False,
+        label_smoothing: float = 0.0,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes} must be >= 2")
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = encoder.requires_grad_(not freeze_encoder)
+        self.head = SequenceClassificationHead(
+            encoder.out_dim, num_classes, pooling=pooling, dropout=dropout
+        )
+        self.label_smoothing = label_smoothing
+        self.optim = optim or OptimConfig()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.encoder(input_ids, attention_mask=attention_mask).hidden
+        return self.head(hidden, attention_mask)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(
+            logits.float(), batch["labels"], label_smoothing=self.label_smoothing
+        )
+        self.train_acc(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        self.val_acc(logits, batch["labels"])
+        self.log("val/loss", F.cross_entropy(logits.float(), batch["labels"]), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
