@@ -38,8 +38,16 @@ def demo(args: list[str]) -> int:
     return 1
 
 
+def tokenizer(args: list[str]) -> int:
+    """`multimodal tokenizer train ...`: train and save a WordPiece or byte-level BPE tokenizer."""
+    from text.tokenizer_cli import main as tokenizer_main
+
+    return tokenizer_main(args)
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command("train a small CLIP on the bundled digits and write its report", demo),
+    "tokenizer": Command("train a WordPiece or byte-level BPE tokenizer on text files", tokenizer),
 }
 
 

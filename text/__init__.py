@@ -16,8 +16,10 @@ from text.heads import (
 from text.output import LMOutput
 from text.pooling import pool_tokens
 from text.text_encoder import TextEncoder
+from text.tokenizer import BatchEncoding, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
+    "BatchEncoding",
     "DecoderLM",
     "EncoderDecoderLM",
     "EncoderLM",
@@ -30,6 +32,9 @@ __all__ = [
     "TextEncoder",
     "TextFeatures",
     "TokenClassificationHead",
+    "Tokenizer",
     "best_spans",
+    "load_tokenizer",
     "pool_tokens",
+    "train_tokenizer",
 ]
