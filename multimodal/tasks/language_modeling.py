@@ -7,7 +7,7 @@ real token) and labels with -100 where nothing is predicted.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -29,6 +29,23 @@ IGNORE = -100
 Batch = dict[str, Tensor]
 
 
+@runtime_checkable
+class HasVocabulary(Protocol):
+    """Datamodules whose token ids come from a vocabulary of known size."""
+
+    vocab_size: int
+
+
+def check_vocabulary(task: LightningModule, model_vocab: int) -> None:
+    """Fail before training when the data's ids do not fit the model's embedding table."""
+    datamodule = task.trainer.datamodule if task._trainer is not None else None
+    if isinstance(datamodule, HasVocabulary) and datamodule.vocab_size > model_vocab:
+        raise ValueError(
+            f"the data has a vocabulary of {datamodule.vocab_size} ids but the model's "
+            f"TextConfig.vocab_size is {model_vocab}: set it to at least {datamodule.vocab_size}"
+        )
+
+
 class TokenPredictions(NamedTuple):
     logits: Tensor  # (B, T, vocab) scores of the token at each labelled position
     labels: Tensor  # (B, T), IGNORE where nothing is predicted
@@ -46,9 +63,13 @@ class TokenPredictionTask(LightningModule):
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         self.optim = optim or OptimConfig()
         self.label_smoothing = label_smoothing
+        self.vocab_size = vocab_size
         self.train_acc = MulticlassAccuracy(vocab_size, ignore_index=IGNORE, average="micro")
         self.val_acc = MulticlassAccuracy(vocab_size, ignore_index=IGNORE, average="micro")
         self.val_ppl = Perplexity(ignore_index=IGNORE)
+
+    def setup(self, stage: str) -> None:
+        check_vocabulary(self, self.vocab_size)
 
     def predictions(self, batch: Batch) -> TokenPredictions:
         raise NotImplementedError
@@ -215,6 +236,9 @@ class TextClassifier(LightningModule):
         self.optim = optim or OptimConfig()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def setup(self, stage: str) -> None:
+        check_vocabulary(self, self.encoder.config.vocab_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.encoder(input_ids, attention_mask=attention_mask).hidden
