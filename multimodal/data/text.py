@@ -29,7 +29,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from text.masking import IGNORE_INDEX, mask_tokens
+from text.masking import IGNORE_INDEX, mask_tokens, span_corruption
 from text.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ SYMBOL_OFFSET = 5
 
 SYNTHETIC_TASKS = ("copy", "reverse")
 SYNTHETIC_OBJECTIVES = ("causal", "seq2seq")
-FILE_OBJECTIVES = ("causal", "masked")
+FILE_OBJECTIVES = ("causal", "masked", "span_corruption")
 PAIR_OBJECTIVES = ("seq2seq", "classification")
 
 # how each padded key is padded (default: the pad id) and which key gets a mask from lengths
@@ -70,6 +70,8 @@ class TextCollator:
     `pad_id`), `input_ids` and `decoder_input_ids` get their attention masks, ints become
     (B,) tensors. With `mask_id` set, the batch is masked for masked LM with `mask_tokens`
     (fresh at each call), never selecting padding or `special_ids`, and gets its `labels`.
+    With `sentinel_ids` set, every example's ids are first span-corrupted (T5) into
+    `input_ids` + `end_id` and `decoder_input_ids` / `labels`.
     A dataclass rather than a closure so that DataLoader workers can pickle it.
     """
 
@@ -78,8 +80,30 @@ class TextCollator:
     vocab_size: int = 0
     special_ids: tuple[int, ...] = ()
     mlm_probability: float = 0.15
+    sentinel_ids: tuple[int, ...] = ()
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    end_id: int = EOS
+    decoder_start_id: int = PAD
+
+    def _corrupt(self, example: Example) -> Example:
+        """T5 span corruption of one example's ids into a seq2seq example (fresh each call)."""
+        source, target = span_corruption(
+            example["input_ids"],
+            sentinel_ids=self.sentinel_ids,
+            noise_density=self.noise_density,
+            mean_span_length=self.mean_span_length,
+        )
+        target = [*target, self.end_id]
+        return {
+            "input_ids": [*source, self.end_id],
+            "decoder_input_ids": [self.decoder_start_id, *target[:-1]],
+            "labels": target,
+        }
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, Tensor]:
+        if self.sentinel_ids:
+            examples = [self._corrupt(example) for example in examples]
         batch: dict[str, Tensor] = {}
         for key in examples[0]:
             values = [example[key] for example in examples]
@@ -308,6 +332,11 @@ def _held_out(n: int, fraction: float, seed: int, run: int = 1) -> np.ndarray:
     return np.repeat(held, run)[:n]
 
 
+def decoder_start_id(tok: Tokenizer) -> int:
+    """First decoder input of seq2seq examples: BOS, else CLS, else PAD."""
+    return next(i for i in (tok.bos_id, tok.cls_id, tok.pad_id) if i is not None)
+
+
 def _lazy_tokenizer(name: str) -> Tokenizer:
     try:
         return load_tokenizer(name)
@@ -331,6 +360,12 @@ class TextFileDataModule(_TextDataModule):
       line of the same file (label 1) or, with probability 0.5, a random line of the same
       split (label 0); the pairs are drawn once from `seed`. Lines that are last in their file
       start no pair. Needs a tokenizer with [CLS], [SEP] and [MASK] (a "wordpiece" one).
+    - "span_corruption": T5 pretraining for an `EncoderDecoderLM`: one line per sample (at
+      most `max_length` - 1 tokens), spans covering `noise_density` of it (mean length
+      `mean_span_length`) replaced by sentinels, fresh in every batch; the target lists the
+      sentinels and the spans. The `n_sentinels` sentinel ids are appended after the
+      tokenizer's vocabulary, as T5's extra ids, so `vocab_size` grows by `n_sentinels`; the
+      decoder starts from `decoder_start_id` (BOS, else CLS, else PAD).
 
     Without `val_files`, a deterministic `val_fraction` of the lines is held out for
     validation (in runs of 8 consecutive lines with `next_sentence`, so pairs stay whole).
@@ -339,7 +374,7 @@ class TextFileDataModule(_TextDataModule):
         train_files: text files to train on.
         val_files: text files to validate on (default: hold out lines of `train_files`).
         tokenizer: "clip" or a directory written by `Tokenizer.save`.
-        objective: "causal" or "masked".
+        objective: "causal", "masked" or "span_corruption".
         max_length: tokens per block (causal) or per sample (masked).
         batch_size: samples per batch and device.
         mlm_probability: fraction of the tokens masked (masked LM).
@@ -347,6 +382,7 @@ class TextFileDataModule(_TextDataModule):
         val_fraction: lines held out when `val_files` is None.
         num_workers: DataLoader worker processes.
         seed: seed of the held-out lines and the sentence pairs.
+        noise_density, mean_span_length, n_sentinels: span corruption.
     """
 
     NSP_RUN = 8  # consecutive lines held out together with next_sentence
@@ -364,8 +400,18 @@ class TextFileDataModule(_TextDataModule):
         val_fraction: float = 0.05,
         num_workers: int = 0,
         seed: int = 0,
+        noise_density: float = 0.15,
+        mean_span_length: float = 3.0,
+        n_sentinels: int = 100,
     ) -> None:
         super().__init__(batch_size, num_workers)
+        if not 0 < noise_density < 1:
+            raise ValueError(f"noise_density={noise_density} must be in (0, 1)")
+        if mean_span_length < 1:
+            raise ValueError(f"mean_span_length={mean_span_length} must be >= 1")
+        _check_positive(n_sentinels=n_sentinels)
+        self.noise_density, self.mean_span_length = noise_density, mean_span_length
+        self.n_sentinels = n_sentinels
         train_files = [train_files] if isinstance(train_files, str) else list(train_files)
         if not train_files:
             raise ValueError("train_files is empty; expected one or more text files")
@@ -400,15 +446,25 @@ class TextFileDataModule(_TextDataModule):
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        """Ids the model must embed: the tokenizer's, plus the sentinels of span corruption."""
+        extra = self.n_sentinels if self.objective == "span_corruption" else 0
+        return self.tokenizer.vocab_size + extra
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_id
 
+    @property
+    def decoder_start_id(self) -> int:
+        return decoder_start_id(self.tokenizer)
+
     def _check_tokenizer(self) -> None:
         tok, name = self.tokenizer, f"tokenizer={self.tokenizer_name!r}"
-        if self.objective == "causal" and tok.eos_id is None and tok.sep_id is None:
+        if (
+            self.objective in ("causal", "span_corruption")
+            and tok.eos_id is None
+            and tok.sep_id is None
+        ):
             raise ValueError(f"{name} has neither EOS nor SEP to separate documents")
         if self.objective == "masked" and tok.mask_id is None:
             raise ValueError(f"{name} has no mask token; masked LM needs a 'wordpiece' one")
@@ -467,6 +523,10 @@ class TextFileDataModule(_TextDataModule):
             size = self.max_length
             blocks = [stream[i : i + size] for i in range(0, len(stream), size)]
             return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
+        if self.objective == "span_corruption":  # the collate corrupts; keep room for EOS
+            lines = [line for run in runs for line in run]
+            encoded = _encode_lines(tok, lines, add_special_tokens=False)
+            return [{"input_ids": ids[: self.max_length - 1]} for ids in encoded if ids]
         if not self.next_sentence:
             lines = [line for run in runs for line in run]
             encoded = _encode_lines(tok, lines, max_length=self.max_length)
@@ -501,6 +561,16 @@ class TextFileDataModule(_TextDataModule):
         tok = self.tokenizer
         if self.objective == "causal":
             return TextCollator(pad_id=tok.pad_id)
+        if self.objective == "span_corruption":
+            end = tok.eos_id if tok.eos_id is not None else tok.sep_id
+            return TextCollator(
+                pad_id=tok.pad_id,
+                sentinel_ids=tuple(range(tok.vocab_size, tok.vocab_size + self.n_sentinels)),
+                noise_density=self.noise_density,
+                mean_span_length=self.mean_span_length,
+                end_id=end,
+                decoder_start_id=self.decoder_start_id,
+            )
         specials = (tok.bos_id, tok.eos_id, tok.cls_id, tok.sep_id, tok.mask_id)
         return TextCollator(
             pad_id=tok.pad_id,
@@ -606,8 +676,7 @@ class TextPairFileDataModule(_TextDataModule):
 
     @property
     def decoder_start_id(self) -> int:
-        tok = self.tokenizer
-        return next(i for i in (tok.bos_id, tok.cls_id, tok.pad_id) if i is not None)
+        return decoder_start_id(self.tokenizer)
 
     @property
     def label_names(self) -> list[str] | None:

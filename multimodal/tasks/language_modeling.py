@@ -146,6 +146,16 @@ class Seq2SeqLM(TokenPredictionTask):
         self.model = model
         self.aux_loss_weight = aux_loss_weight
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = self.trainer.datamodule
+        start = getattr(datamodule, "decoder_start_id", self.model.decoder_start_id)
+        if start != self.model.decoder_start_id:
+            raise ValueError(
+                f"the data starts decoding from id {start} but the model from "
+                f"{self.model.decoder_start_id}: set EncoderDecoderLM(decoder_start_id={start})"
+            )
+
     def predictions(self, batch: Batch) -> TokenPredictions:
         out = self.model(
             batch["input_ids"],

@@ -188,3 +188,34 @@ def test_frozen_encoder_only_trains_the_head():
     task = TextClassifier(EncoderLM(config), num_classes=3, freeze_encoder=True)
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("head.") for n in trainable)
+
+
+def test_span_corruption_pretraining_of_an_encoder_decoder(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus)
+    train_tokenizer([corpus], kind="bpe", vocab_size=300).save(tmp_path / "tok")
+    data = TextFileDataModule(
+        [str(corpus)],
+        tokenizer=str(tmp_path / "tok"),
+        objective="span_corruption",
+        max_length=32,
+        batch_size=8,
+        n_sentinels=10,
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    sentinels = batch["input_ids"] >= data.tokenizer.vocab_size
+    assert sentinels.any() and (batch["labels"] >= data.tokenizer.vocab_size).any()
+    assert data.vocab_size == data.tokenizer.vocab_size + 10
+    config = TextConfig(
+        vocab_size=data.vocab_size,
+        transformer=TransformerConfig(
+            dim=32, n_layers=1, n_heads=4, position="t5", max_positions=48
+        ),
+    )
+    model = EncoderDecoderLM(config, decoder_start_id=data.decoder_start_id)
+    run = trainer(max_steps=2)
+    run.fit(Seq2SeqLM(model), data)
+    assert torch.isfinite(run.callback_metrics["train/loss"])
+    with pytest.raises(ValueError, match="decoder_start_id"):
+        trainer(max_steps=1).fit(Seq2SeqLM(EncoderDecoderLM(config, decoder_start_id=99)), data)
