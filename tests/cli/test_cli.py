@@ -80,3 +80,57 @@ def test_vit_digits_config_trains_and_tests(tmp_path):
     test = run("test", "--config", config, *common, "--ckpt_path", str(checkpoint))
     assert test.returncode == 0, test.stderr
     assert "test/acc1" in test.stdout
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """A tab-separated classification file and a WordPiece tokenizer trained on it."""
+    root = tmp_path_factory.mktemp("text")
+    rows = [("even", "the number two"), ("odd", "the number three"), ("even", "four apples")]
+    tsv = root / "train.tsv"
+    tsv.write_text("".join(f"{label}\t{text}\n" for label, text in rows * 20))
+    tokenizer = root / "tokenizer"
+    result = run(
+        "tokenizer",
+        "train",
+        "--corpus",
+        str(tsv),
+        str(ROOT / "README.md"),
+        "--kind",
+        "wordpiece",
+        "--vocab-size",
+        "500",
+        "--out",
+        str(tokenizer),
+    )
+    assert result.returncode == 0, result.stderr
+    return {"tsv": str(tsv), "tokenizer": str(tokenizer)}
+
+
+@pytest.mark.parametrize("name", ["gpt_reverse", "t5_reverse", "bert_mlm", "bert_classifier"])
+def test_text_configs_train(name, tmp_path, text_files):
+    overrides = {
+        "bert_mlm": ["--data.init_args.tokenizer", text_files["tokenizer"]],
+        "bert_classifier": [
+            "--data.init_args.tokenizer",
+            text_files["tokenizer"],
+            "--data.init_args.train_file",
+            text_files["tsv"],
+        ],
+    }.get(name, [])
+    result = run(
+        "fit",
+        "--config",
+        str(ROOT / f"configs/text/{name}.yaml"),
+        *overrides,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_steps=2" in result.stdout + result.stderr
