@@ -193,6 +193,36 @@ class _TextDataModule(LightningDataModule):
         return self._loader("val")
 
 
+class _TokenizedDataModule(_TextDataModule):
+    """A datamodule over text that a named tokenizer turns into ids (loaded on first use)."""
+
+    def __init__(self, tokenizer: str, batch_size: int, num_workers: int) -> None:
+        super().__init__(batch_size, num_workers)
+        self.tokenizer_name = tokenizer
+        self._tokenizer: Tokenizer | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, loaded on first use."""
+        if self._tokenizer is None:
+            self._tokenizer = _lazy_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    @property
+    def decoder_start_id(self) -> int:
+        """First decoder input of seq2seq examples: BOS, else CLS, else PAD."""
+        tok = self.tokenizer
+        return next(i for i in (tok.bos_id, tok.cls_id, tok.pad_id) if i is not None)
+
+
 # ---------------------------------------------------------------------------------------------
 # synthetic sequences
 
@@ -332,11 +362,6 @@ def _held_out(n: int, fraction: float, seed: int, run: int = 1) -> np.ndarray:
     return np.repeat(held, run)[:n]
 
 
-def decoder_start_id(tok: Tokenizer) -> int:
-    """First decoder input of seq2seq examples: BOS, else CLS, else PAD."""
-    return next(i for i in (tok.bos_id, tok.cls_id, tok.pad_id) if i is not None)
-
-
 def _lazy_tokenizer(name: str) -> Tokenizer:
     try:
         return load_tokenizer(name)
@@ -348,7 +373,7 @@ def _lazy_tokenizer(name: str) -> Tokenizer:
 # plain text files
 
 
-class TextFileDataModule(_TextDataModule):
+class TextFileDataModule(_TokenizedDataModule):
     """Language modelling on plain UTF-8 text files, one document or sentence a line.
 
     - "causal": every non-blank line is tokenized without special tokens, the lines are
@@ -404,7 +429,7 @@ class TextFileDataModule(_TextDataModule):
         mean_span_length: float = 3.0,
         n_sentinels: int = 100,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(tokenizer, batch_size, num_workers)
         if not 0 < noise_density < 1:
             raise ValueError(f"noise_density={noise_density} must be in (0, 1)")
         if mean_span_length < 1:
@@ -428,35 +453,18 @@ class TextFileDataModule(_TextDataModule):
             raise ValueError(f"next_sentence=True needs objective='masked', got {objective!r}")
         _check_fraction("val_fraction", val_fraction)
         self.train_files, self.val_files = train_files, val_files
-        self.tokenizer_name = tokenizer
         self.objective = objective
         self.max_length = max_length
         self.mlm_probability = mlm_probability
         self.next_sentence = next_sentence
         self.val_fraction = val_fraction
         self.seed = seed
-        self._tokenizer: Tokenizer | None = None
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = _lazy_tokenizer(self.tokenizer_name)
-        return self._tokenizer
 
     @property
     def vocab_size(self) -> int:
         """Ids the model must embed: the tokenizer's, plus the sentinels of span corruption."""
         extra = self.n_sentinels if self.objective == "span_corruption" else 0
         return self.tokenizer.vocab_size + extra
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_id
-
-    @property
-    def decoder_start_id(self) -> int:
-        return decoder_start_id(self.tokenizer)
 
     def _check_tokenizer(self) -> None:
         tok, name = self.tokenizer, f"tokenizer={self.tokenizer_name!r}"
@@ -594,7 +602,7 @@ class SkippedLine:
     reason: str
 
 
-class TextPairFileDataModule(_TextDataModule):
+class TextPairFileDataModule(_TokenizedDataModule):
     """Seq2seq or classification on tab-separated text files, one example a line.
 
     - "seq2seq": `source<TAB>target`; the source is `[CLS|BOS] source [SEP|EOS]` cut to
@@ -636,7 +644,7 @@ class TextPairFileDataModule(_TextDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(tokenizer, batch_size, num_workers)
         _check_choice("objective", objective, PAIR_OBJECTIVES)
         _check_positive(max_source_length=max_source_length, max_target_length=max_target_length)
         if objective == "seq2seq" and max_target_length < 2:
@@ -648,35 +656,14 @@ class TextPairFileDataModule(_TextDataModule):
                 raise ValueError(f"labels={labels} must be a non-empty list of distinct names")
         _check_fraction("val_fraction", val_fraction)
         self.train_file, self.val_file = train_file, val_file
-        self.tokenizer_name = tokenizer
         self.objective = objective
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.labels = list(labels) if labels is not None else None
         self.val_fraction = val_fraction
         self.seed = seed
         self.skipped_lines: list[SkippedLine] = []
-        self._tokenizer: Tokenizer | None = None
         self._label_names: list[str] | None = None
         self._parsed: dict[str, list[tuple[int, str, str]]] = {}
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer, loaded on first use."""
-        if self._tokenizer is None:
-            self._tokenizer = _lazy_tokenizer(self.tokenizer_name)
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_id
-
-    @property
-    def decoder_start_id(self) -> int:
-        return decoder_start_id(self.tokenizer)
 
     @property
     def label_names(self) -> list[str] | None:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from multimodal.data import load_digit_images
 from multimodal.tasks import ImageClassifier, OptimConfig
+from tests.helpers import quiet_trainer
 from vision import TimmEncoder, ViT, ViTConfig
 
 
@@ -18,15 +19,7 @@ def digit_batch(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(labels[:n])
 
 
-def trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+trainer = quiet_trainer
 
 
 def small_vit() -> ViT:

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import time
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 from multimodal.data import SyntheticSequenceDataModule, TextFileDataModule, TextPairFileDataModule
 from multimodal.layers import TransformerConfig
 from multimodal.tasks import CausalLM, MaskedLM, OptimConfig, Seq2SeqLM, TextClassifier
+from tests.helpers import quiet_trainer
 from text import DecoderLM, EncoderDecoderLM, EncoderLM, TextConfig, train_tokenizer
 
-
-def trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+trainer = quiet_trainer
 
 
 def reversal(objective: str) -> SyntheticSequenceDataModule:
