@@ -3,8 +3,8 @@
 `fit`, `validate`, `test` and `predict` are LightningCLI's: a model is any LightningModule
 (`--model path.to.Task` or `class_path` in a YAML config), data any LightningDataModule, and
 every Trainer flag is available (`--trainer.precision bf16-mixed`, `--trainer.devices 2`).
-The platform's own commands (`demo`, and later `shards`, `zeroshot`, `retrieval`) are
-dispatched before LightningCLI sees the arguments.
+The platform's own commands (`demo`, `tokenizer`, `shards`, and later `zeroshot`,
+`retrieval`) are dispatched before LightningCLI sees the arguments.
 """
 
 from __future__ import annotations
@@ -45,9 +45,19 @@ def tokenizer(args: list[str]) -> int:
     return tokenizer_main(args)
 
 
+def shards(args: list[str]) -> int:
+    """`multimodal shards demo|folder|torchvision ...`: write webdataset shards."""
+    from multimodal.data.shards_cli import main as shards_main
+
+    return shards_main(args)
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command("train a small CLIP on the bundled digits and write its report", demo),
     "tokenizer": Command("train a WordPiece or byte-level BPE tokenizer on text files", tokenizer),
+    "shards": Command(
+        "write webdataset shards: demo digits, captioned image folders, torchvision", shards
+    ),
 }
 
 
