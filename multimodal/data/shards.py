@@ -70,12 +70,22 @@ class Skipped(NamedTuple):
     split: str | None = None
 
 
+MANIFEST_SUFFIX = ".manifest.json"  # next to the shards: prefix.manifest.json
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """A series' manifest: {"prefix", "samples", "shards": [{"name", "samples"}]}."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 @dataclass
 class WriteSummary:
     """What one shard series holds: samples, shard paths, bytes on disk and skipped inputs."""
 
     samples: int = 0
     shards: list[Path] = field(default_factory=list)
+    shard_samples: list[int] = field(default_factory=list)  # samples in each shard
     bytes: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     name: str = ""
@@ -397,6 +407,7 @@ class ShardWriter:
         self._tar = self._file = self._tmp = None
         _fsync_dir(self.out_dir)
         self.summary.shards.append(final)
+        self.summary.shard_samples.append(self._count)
         self.summary.bytes += size
 
     def _discard_open_shard(self) -> None:
@@ -424,14 +435,39 @@ class ShardWriter:
         for stale in set(self._existing) - set(self.summary.shards):
             stale.unlink(missing_ok=True)
         self.summary.seconds = time.perf_counter() - self._start
+        self._write_manifest()
         return self.summary
+
+    def manifest_path(self) -> Path:
+        return self.out_dir / f"{self.prefix}{MANIFEST_SUFFIX}"
+
+    def _write_manifest(self) -> None:
+        """Record the finished series (shards and sample counts) last and atomically: readers
+        size their epochs from it, and its presence marks the series as complete."""
+        manifest = {
+            "prefix": self.prefix,
+            "samples": self.summary.samples,
+            "shards": [
+                {"name": path.name, "samples": n}
+                for path, n in zip(self.summary.shards, self.summary.shard_samples, strict=True)
+            ],
+        }
+        final = self.manifest_path()
+        tmp = final.with_name(f".{final.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.out_dir)
 
     def abort(self) -> None:
         """Drop the shard being written and the shards already finished by this writer."""
         self._discard_open_shard()
         for shard in self.summary.shards:
             shard.unlink(missing_ok=True)
-        self.summary.shards, self.summary.bytes = [], 0
+        self.manifest_path().unlink(missing_ok=True)
+        self.summary.shards, self.summary.shard_samples, self.summary.bytes = [], [], 0
         self._closed = True
 
 

@@ -55,7 +55,8 @@ def blob_sample(key: str, n_bytes: int, seed: int = 0) -> dict:
 
 
 def listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """Files in the folder, except the manifest a completed series ends with."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".manifest.json"))
 
 
 def test_round_trip_bytes_captions_and_json(tmp_path):
@@ -469,3 +470,29 @@ def test_cli_folder(tmp_path, capsys):
 def test_parse_size():
     assert shards_cli.parse_size("512M") == 512 << 20
     assert shards_cli.parse_size("1G") == 1 << 30 and shards_cli.parse_size("4096") == 4096
+
+
+def test_manifest_records_the_complete_series(tmp_path):
+    from multimodal.data.shards import read_manifest
+
+    with ShardWriter(tmp_path, "m", max_samples=3) as writer:
+        for i in range(7):
+            writer.write(_manifest_sample(i))
+    manifest = read_manifest(writer.manifest_path())
+    assert manifest["samples"] == 7
+    assert [s["samples"] for s in manifest["shards"]] == [3, 3, 1]
+    assert [s["name"] for s in manifest["shards"]] == [p.name for p in writer.summary.shards]
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path / "aborted", "m") as failing:
+        failing.write(_manifest_sample(0))
+        raise RuntimeError("crash")
+    assert not (tmp_path / "aborted" / "m.manifest.json").exists()
+
+
+def _manifest_sample(i: int) -> dict:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    return {"__key__": f"s{i}", "png": buffer.getvalue(), "txt": f"caption {i}"}
