@@ -4,6 +4,7 @@ from text.config import TextConfig
 from text.decoder import DecoderLM
 from text.encoder import EncoderLM
 from text.encoder_decoder import EncoderDecoderLM
+from text.generation import GenerationConfig, GenerationOutput, generate
 from text.heads import (
     MaskedLMHead,
     NextSentenceHead,
@@ -23,6 +24,8 @@ __all__ = [
     "DecoderLM",
     "EncoderDecoderLM",
     "EncoderLM",
+    "GenerationConfig",
+    "GenerationOutput",
     "LMOutput",
     "MaskedLMHead",
     "NextSentenceHead",
@@ -34,6 +37,7 @@ __all__ = [
     "TokenClassificationHead",
     "Tokenizer",
     "best_spans",
+    "generate",
     "load_tokenizer",
     "pool_tokens",
     "train_tokenizer",

@@ -36,7 +36,7 @@ def fit_length(config: TextConfig, *tensors: Tensor | None, offset: int = 0) -> 
     limit = config.max_positions - offset
     if length <= limit:
         return list(tensors)
-    if not config.truncate or limit <= 0:
+    if not config.truncate or offset > 0:  # tokens after a KV cache cannot be cut
         raise ValueError(
             f"input of {offset + length} tokens is longer than the model's maximum of "
             f"{config.max_positions} positions (TextConfig.truncate=True cuts it instead)"
