@@ -27,6 +27,7 @@ demo: install
 bench: install
 	$(PY) bench/attention.py
 	$(PY) bench/vit.py
+	$(PY) bench/generation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -11,7 +11,15 @@ from multimodal.data import SyntheticSequenceDataModule, TextFileDataModule, Tex
 from multimodal.layers import TransformerConfig
 from multimodal.tasks import CausalLM, MaskedLM, OptimConfig, Seq2SeqLM, TextClassifier
 from tests.helpers import quiet_trainer
-from text import DecoderLM, EncoderDecoderLM, EncoderLM, TextConfig, train_tokenizer
+from text import (
+    DecoderLM,
+    EncoderDecoderLM,
+    EncoderLM,
+    GenerationConfig,
+    TextConfig,
+    generate,
+    train_tokenizer,
+)
 
 trainer = quiet_trainer
 
@@ -70,6 +78,22 @@ def test_seq2seq_learns_string_reversal():
     run = trainer(max_epochs=4, precision="bf16-mixed")
     run.fit(task, data)
     assert run.callback_metrics["val/acc"] >= 0.95, dict(run.callback_metrics)
+    # greedy generation reverses whole strings
+    batch = next(iter(data.val_dataloader()))
+    model = task.model.eval()
+    out = generate(
+        model,
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        config=GenerationConfig(max_new_tokens=10, eos_id=data.eos_id, pad_id=data.pad_id),
+    )
+    exact = [
+        out.sequences[i, : len(target)].tolist() == target
+        for i, target in enumerate(
+            [row[row != -100].tolist() for row in batch["labels"]]  # reversed string + EOS
+        )
+    ]
+    assert sum(exact) / len(exact) >= 0.9, f"{sum(exact)}/{len(exact)} reversed exactly"
 
 
 def test_moe_balance_loss_reaches_the_router():
