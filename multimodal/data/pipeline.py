@@ -38,8 +38,9 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -50,6 +51,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import base_plus_ext
+
+from multimodal.data.shards import MANIFEST_SUFFIX, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +511,8 @@ class SizedShardPipeline(ShardPipeline):
         return int(self.config.epoch_length or 0)
 
 
-def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): as given, else torch.distributed's when initialised, else (0, 1)."""
     if (rank is None) != (world_size is None):
         raise ValueError(f"pass both rank and world_size or neither, got {rank=}, {world_size=}")
     if rank is None or world_size is None:
@@ -526,6 +530,45 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     return rank, world_size
+
+
+def manifest_samples(shards: Sequence[str]) -> int | None:
+    """Samples in these local shards according to the manifests `ShardWriter` leaves next
+    to them, or None when a shard is remote or not listed in a manifest."""
+    counts: dict[Path, int] = {}
+    for folder in {Path(url).parent for url in shards if not _is_remote(url)}:
+        for manifest in folder.glob(f"*{MANIFEST_SUFFIX}"):
+            for shard in read_manifest(manifest)["shards"]:
+                counts[(folder / shard["name"]).resolve()] = int(shard["samples"])
+    try:
+        return sum(counts[Path(url).resolve()] for url in shards)
+    except KeyError:
+        return None
+
+
+def equal_batches_per_rank(config: ShardPipelineConfig, world_size: int) -> ShardPipelineConfig:
+    """For training and validation under DDP: every rank must step the same number of
+    batches, or DDP hangs at the first collective a rank misses. Without an epoch length, size
+    one from the manifests' sample counts (each rank's shards repeat to fill it, as
+    DistributedSampler pads with repeated samples), or ask for `epoch_length`. A single rank,
+    or a config with an epoch length, is returned unchanged."""
+    if world_size == 1 or config.infinite:
+        return config
+    shards = expand_urls(config.urls)
+    total = manifest_samples(shards)
+    if total is None:
+        raise ValueError(
+            f"{world_size} ranks read {len(shards)} shards whose sample counts are unknown (no "
+            "manifest from ShardWriter next to them): set epoch_length (batches per rank per "
+            "epoch) so that every rank steps the same number of batches"
+        )
+    per_rank = total // (world_size * config.batch_size)
+    if not config.drop_last:
+        per_rank = -(-total // (world_size * config.batch_size))
+    log.info(
+        "%d samples on %d ranks: epoch_length=%d batches per rank", total, world_size, per_rank
+    )
+    return replace(config, epoch_length=max(1, per_rank))
 
 
 def build_pipeline(
@@ -550,7 +593,7 @@ def build_pipeline(
             (gets the skip counts as its last element).
     """
     shards = expand_urls(config.urls)
-    rank, world_size = _resolve_rank(rank, world_size)
+    rank, world_size = resolve_rank(rank, world_size)
     if not config.infinite and len(shards) < world_size:
         log.warning(
             "%d shards for %d ranks: some ranks get no data; write more shards or set "

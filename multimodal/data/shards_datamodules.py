@@ -45,7 +45,9 @@ from multimodal.data.pipeline import (
     SkipSample,
     build_pipeline,
     decode_sample,
+    equal_batches_per_rank,
     expand_urls,
+    resolve_rank,
 )
 from multimodal.data.text import pad_sequences
 from text.tokenizer import Tokenizer, load_tokenizer
@@ -366,9 +368,9 @@ class _ShardDataModule(LightningDataModule):
     def loader(self, split: str) -> ShardLoader:
         """A loader over the split's shards (built now: rank and world size are read from
         torch.distributed at this point)."""
-        dataset = build_pipeline(
-            self.configs[split], self.map_sample(split), collate=self.collate()
-        )
+        _, world_size = resolve_rank(None, None)
+        config = equal_batches_per_rank(self.configs[split], world_size)
+        dataset = build_pipeline(config, self.map_sample(split), collate=self.collate())
         return ShardLoader(
             dataset,
             num_workers=self.num_workers,

@@ -100,4 +100,4 @@ class ImageClassifier(LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.model, self.optim, int(self.trainer.estimated_stepping_batches))
+        return build_optimizer(self.model, self.optim, self.trainer.estimated_stepping_batches)

@@ -97,7 +97,7 @@ class TokenPredictionTask(LightningModule):
         self.log("val/ppl", self.val_ppl)
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)
 
 
 class CausalLM(TokenPredictionTask):
@@ -271,4 +271,4 @@ class TextClassifier(LightningModule):
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)

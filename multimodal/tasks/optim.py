@@ -89,12 +89,22 @@ def warmup_cosine(
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: int) -> dict:
-    """AdamW + warmup-cosine schedule in the form LightningModule.configure_optimizers returns."""
+def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: float) -> dict:
+    """AdamW + warmup-cosine schedule in the form LightningModule.configure_optimizers returns.
+
+    `total_steps` is the run's length (the Trainer's estimate, infinite for data without a
+    length), used unless `config.total_steps` is set.
+    """
+    total = config.total_steps or total_steps
+    if not math.isfinite(total):
+        raise ValueError(
+            "the schedule needs the run's length, but the data has no length (streamed "
+            "shards without epoch_length): set optim.total_steps or trainer.max_steps"
+        )
     optimizer = torch.optim.AdamW(
         param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
     )
-    total = config.total_steps or total_steps
+    total = int(total)
     schedule = LambdaLR(
         optimizer, lambda step: warmup_cosine(step, config.warmup_steps, total, config.min_lr_ratio)
     )

@@ -439,3 +439,27 @@ def test_datamodules_validate_their_arguments(tmp_path):
         _ = ImageTextDataModule(url, tokenizer="nope").tokenizer
     with pytest.raises(ValueError, match="matched no existing shard"):
         ShardClassificationDataModule(os.path.join(tmp_path, "x-{0..3}.tar")).setup("fit")
+
+
+def test_ddp_epochs_are_sized_from_the_writer_manifest(tmp_path):
+    from multimodal.data.pipeline import equal_batches_per_rank, manifest_samples
+    from multimodal.data.shards import ShardWriter
+
+    with ShardWriter(tmp_path, "train", max_samples=5) as writer:  # shards of 5,5,5,5,3
+        for n in range(23):
+            record = sample(f"s{n:03d}", n)
+            writer.write({k: v for k, v in record.items() if k != "cls"})
+    urls = [str(p) for p in writer.summary.shards]
+    assert manifest_samples(urls) == 23
+    config = ShardPipelineConfig(urls=urls, batch_size=2, shuffle_buffer=0, drop_last=True)
+    assert equal_batches_per_rank(config, 1) is config  # one rank: exactly one pass
+    sized = equal_batches_per_rank(config, 2)
+    assert sized.epoch_length == 23 // (2 * 2)
+    counts = [
+        len(list(build_pipeline(sized, key_only, rank=r, world_size=2, collate=key_batch)))
+        for r in range(2)
+    ]
+    assert counts == [5, 5]  # rank 0 reads 13 samples, rank 1 reads 10: equal batches anyway
+    (tmp_path / "train.manifest.json").unlink()
+    with pytest.raises(ValueError, match="epoch_length"):
+        equal_batches_per_rank(config, 2)

@@ -81,3 +81,10 @@ def test_adamw_parameters_are_all_optimised():
     optimizer = build_optimizer(model, OptimConfig(), total_steps=5)["optimizer"]
     assert isinstance(optimizer, torch.optim.AdamW)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 4
+
+
+def test_unknown_run_length_asks_for_total_steps():
+    with pytest.raises(ValueError, match="total_steps"):
+        build_optimizer(nn.Linear(2, 2), OptimConfig(), total_steps=float("inf"))
+    built = build_optimizer(nn.Linear(2, 2), OptimConfig(total_steps=10), total_steps=float("inf"))
+    assert built["optimizer"] is not None
