@@ -28,6 +28,7 @@ bench: install
 	$(PY) bench/attention.py
 	$(PY) bench/vit.py
 	$(PY) bench/generation.py
+	$(PY) bench/loader.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
