@@ -547,16 +547,18 @@ def manifest_samples(shards: Sequence[str]) -> int | None:
 
 
 def equal_batches_per_rank(config: ShardPipelineConfig, world_size: int) -> ShardPipelineConfig:
-    """For training and validation under DDP: every rank must step the same number of
-    batches, or DDP hangs at the first collective a rank misses. Without an epoch length, size
-    one from the manifests' sample counts (each rank's shards repeat to fill it, as
-    DistributedSampler pads with repeated samples), or ask for `epoch_length`. A single rank,
-    or a config with an epoch length, is returned unchanged."""
-    if world_size == 1 or config.infinite:
+    """Give a config without an epoch length one from the manifests' sample counts, so that
+    the loader has a length (progress bars, schedules) and, under DDP, every rank steps the
+    same number of batches: DDP hangs at the first collective a rank misses. Each rank's
+    shards repeat to fill the epoch, as DistributedSampler pads with repeated samples.
+    Without manifests one rank reads one pass; several ranks need `epoch_length`."""
+    if config.infinite:
         return config
     shards = expand_urls(config.urls)
     total = manifest_samples(shards)
     if total is None:
+        if world_size == 1:
+            return config
         raise ValueError(
             f"{world_size} ranks read {len(shards)} shards whose sample counts are unknown (no "
             "manifest from ShardWriter next to them): set epoch_length (batches per rank per "

@@ -134,3 +134,30 @@ def test_text_configs_train(name, tmp_path, text_files):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max_steps=2" in result.stdout + result.stderr
+
+
+def test_vit_digits_shards_config_trains_from_demo_shards(tmp_path):
+    from multimodal.data.demo import write_demo_shards
+
+    write_demo_shards(tmp_path / "digits", progress=False)
+    result = run(
+        "fit",
+        "--config",
+        str(ROOT / "configs/vision/vit_digits_shards.yaml"),
+        "--data.init_args.train_urls",
+        str(tmp_path / "digits/train"),
+        "--data.init_args.val_urls",
+        str(tmp_path / "digits/val"),
+        "--data.init_args.num_workers",
+        "0",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_steps=3" in result.stdout + result.stderr
