@@ -556,6 +556,8 @@ def equal_batches_per_rank(config: ShardPipelineConfig, world_size: int) -> Shar
         return config
     shards = expand_urls(config.urls)
     total = manifest_samples(shards)
+    if world_size == 1 and not config.drop_last:
+        return config  # one rank evaluating: one exact pass, no repeated samples
     if total is None:
         if world_size == 1:
             return config

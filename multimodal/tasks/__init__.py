@@ -1,7 +1,16 @@
 """LightningModules, one per training objective."""
 
 from multimodal.tasks.classification import ImageClassifier
+from multimodal.tasks.contrastive import ContrastivePretraining
 from multimodal.tasks.language_modeling import CausalLM, MaskedLM, Seq2SeqLM, TextClassifier
 from multimodal.tasks.optim import OptimConfig
 
-__all__ = ["CausalLM", "ImageClassifier", "MaskedLM", "OptimConfig", "Seq2SeqLM", "TextClassifier"]
+__all__ = [
+    "CausalLM",
+    "ContrastivePretraining",
+    "ImageClassifier",
+    "MaskedLM",
+    "OptimConfig",
+    "Seq2SeqLM",
+    "TextClassifier",
+]

@@ -1,0 +1,99 @@
+"""CLIP: an image tower and a text tower projected into one embedding space (Radford et al.
+2021), with the learnable temperature of CLIP or the scale and bias of SigLIP."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class CLIPOutput(NamedTuple):
+    image_features: Tensor  # (B, embed_dim), L2-normalised
+    text_features: Tensor  # (B, embed_dim), L2-normalised
+    logit_scale: Tensor  # the multiplier of the cosine similarities (exp of the parameter)
+    logit_bias: Tensor | None  # SigLIP's bias, None for CLIP
+
+
+class CLIP(nn.Module):
+    """Joint image-text embedding model; receives tower instances, never builds them.
+
+    Args:
+        image_tower: returns `TowerOutput` and has `out_dim` (`vision.ViT`, `vision.TimmEncoder`).
+        text_tower: `text.TextEncoder(input_ids, attention_mask) -> TowerOutput` with `out_dim`.
+        embed_dim: width of the joint space; each tower gets a linear projection to it.
+        init_logit_scale: initial temperature as a multiplier (CLIP: 1/0.07; SigLIP: 10).
+        max_logit_scale: the multiplier is clamped at this value (CLIP: 100).
+        init_logit_bias: a learnable bias on the logits (SigLIP: -10); None for CLIP.
+    """
+
+    def __init__(
+        self,
+        image_tower: nn.Module,
+        text_tower: nn.Module,
+        embed_dim: int = 512,
+        *,
+        init_logit_scale: float = 1 / 0.07,
+        max_logit_scale: float = 100.0,
+        init_logit_bias: float | None = None,
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0:
+            raise ValueError(f"embed_dim={embed_dim} must be > 0")
+        if not 0 < init_logit_scale <= max_logit_scale:
+            raise ValueError(
+                f"init_logit_scale={init_logit_scale} must be in "
+                f"(0, max_logit_scale={max_logit_scale}]"
+            )
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.embed_dim = embed_dim
+        self.image_projection = nn.Linear(image_tower.out_dim, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_tower.out_dim, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
+        self.max_log_scale = math.log(max_logit_scale)
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(init_logit_bias)))
+            if init_logit_bias is not None
+            else None
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logit_scale", "logit_bias"}
+
+    def lock_image_tower(self) -> None:
+        """Freeze the image tower (LiT: locked-image tuning); its projection still trains."""
+        self.image_tower.requires_grad_(False)
+
+    def lock_text_tower(self) -> None:
+        """Freeze the text tower; its projection still trains."""
+        self.text_tower.requires_grad_(False)
+
+    def encode_image(self, images: Tensor, *, normalize: bool = True) -> Tensor:
+        """(B, C, H, W) -> (B, embed_dim)."""
+        features = self.image_projection(self.image_tower(images).pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, normalize: bool = True
+    ) -> Tensor:
+        """(B, T) token ids -> (B, embed_dim)."""
+        features = self.text_projection(self.text_tower(input_ids, attention_mask).pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def scale(self) -> Tensor:
+        """The logit multiplier exp(logit_scale), clamped at max_logit_scale."""
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+    def forward(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> CLIPOutput:
+        return CLIPOutput(
+            self.encode_image(images),
+            self.encode_text(input_ids, attention_mask),
+            self.scale(),
+            self.logit_bias,
+        )

@@ -1,0 +1,88 @@
+"""Contrastive image-text pretraining (CLIP's InfoNCE or SigLIP's sigmoid loss), correct under
+DDP: features are gathered across ranks with their gradients."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from multimodal.models.clip import CLIP, CLIPOutput
+from multimodal.models.losses import clip_loss, siglip_loss
+from multimodal.tasks.optim import OptimConfig, build_optimizer
+
+LOSSES = ("clip", "siglip")
+Batch = dict[str, Tensor]
+
+
+class ContrastivePretraining(LightningModule):
+    """Train a `CLIP` on image-caption batches (`images`, `input_ids`, `attention_mask`).
+
+    Args:
+        model: the CLIP model (for "siglip", built with `init_logit_bias`, e.g. -10).
+        loss: "clip" (symmetric InfoNCE) or "siglip" (pairwise sigmoid).
+        local_loss: CLIP loss of local features against the gathered ones (less memory,
+            same gradients) instead of the full similarity matrix on every rank.
+        gather_with_grad: gradients flow through the gathered features to every rank.
+        optim: optimiser and schedule (no weight decay on the logit scale and bias).
+    """
+
+    def __init__(
+        self,
+        model: CLIP,
+        *,
+        loss: str = "clip",
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r} must be one of {list(LOSSES)}")
+        if loss == "siglip" and model.logit_bias is None:
+            raise ValueError("loss='siglip' needs a CLIP built with init_logit_bias (e.g. -10)")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.loss_name = loss
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.optim = optim or OptimConfig()
+
+    def forward(self, batch: Batch) -> CLIPOutput:
+        return self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+
+    def loss(self, out: CLIPOutput) -> Tensor:
+        image, text = out.image_features.float(), out.text_features.float()
+        if self.loss_name == "siglip":
+            assert out.logit_bias is not None
+            return siglip_loss(image, text, out.logit_scale, out.logit_bias)
+        return clip_loss(
+            image,
+            text,
+            out.logit_scale,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+        )
+
+    def _step(self, batch: Batch, stage: str) -> Tensor:
+        out = self(batch)
+        loss = self.loss(out)
+        with torch.no_grad():  # in-batch retrieval accuracy, image -> text, on this rank
+            similarity = out.image_features @ out.text_features.T
+            target = torch.arange(len(similarity), device=similarity.device)
+            accuracy = (similarity.argmax(dim=1) == target).float().mean()
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=sync)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, sync_dist=sync)
+        if stage == "train":
+            self.log("train/logit_scale", out.logit_scale)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self.model, self.optim, self.trainer.estimated_stepping_batches)
