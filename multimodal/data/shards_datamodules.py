@@ -49,8 +49,8 @@ from multimodal.data.pipeline import (
     expand_urls,
     resolve_rank,
 )
-from multimodal.data.text import pad_sequences
-from text.tokenizer import Tokenizer, load_tokenizer
+from multimodal.data.text import TokenizerMixin, pad_sequences
+from text.tokenizer import Tokenizer
 from vision.transforms import ImageTransformConfig
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ class _ShardDataModule(LightningDataModule):
         return self.loader("val") if "val" in self.configs else []
 
 
-class _TokenizedShardDataModule(_ShardDataModule):
+class _TokenizedShardDataModule(TokenizerMixin, _ShardDataModule):
     """A shard datamodule with a tokenizer (loaded on first use) and a context length."""
 
     def __init__(self, tokenizer: str, context_length: int, **kwargs: Any) -> None:
@@ -394,24 +394,6 @@ class _TokenizedShardDataModule(_ShardDataModule):
             raise ValueError(f"context_length={context_length} must be >= 2 (BOS and EOS)")
         self.tokenizer_name = tokenizer
         self.context_length = context_length
-        self._tokenizer: Tokenizer | None = None
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            try:
-                self._tokenizer = load_tokenizer(self.tokenizer_name)
-            except ValueError as error:
-                raise ValueError(f"tokenizer={self.tokenizer_name!r}: {error}") from error
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_id
 
 
 class ImageTextDataModule(_TokenizedShardDataModule):

@@ -193,17 +193,15 @@ class _TextDataModule(LightningDataModule):
         return self._loader("val")
 
 
-class _TokenizedDataModule(_TextDataModule):
-    """A datamodule over text that a named tokenizer turns into ids (loaded on first use)."""
+class TokenizerMixin:
+    """For datamodules that tokenize: the tokenizer named `tokenizer_name` ("clip" or a saved
+    directory), loaded on first use, and the ids a model needs from it."""
 
-    def __init__(self, tokenizer: str, batch_size: int, num_workers: int) -> None:
-        super().__init__(batch_size, num_workers)
-        self.tokenizer_name = tokenizer
-        self._tokenizer: Tokenizer | None = None
+    tokenizer_name: str
+    _tokenizer: Tokenizer | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer, loaded on first use."""
         if self._tokenizer is None:
             self._tokenizer = _lazy_tokenizer(self.tokenizer_name)
         return self._tokenizer
@@ -215,6 +213,14 @@ class _TokenizedDataModule(_TextDataModule):
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_id
+
+
+class _TokenizedDataModule(TokenizerMixin, _TextDataModule):
+    """A datamodule over text that a named tokenizer turns into ids."""
+
+    def __init__(self, tokenizer: str, batch_size: int, num_workers: int) -> None:
+        super().__init__(batch_size, num_workers)
+        self.tokenizer_name = tokenizer
 
     @property
     def decoder_start_id(self) -> int:
