@@ -136,14 +136,15 @@ def test_text_configs_train(name, tmp_path, text_files):
     assert "max_steps=2" in result.stdout + result.stderr
 
 
-def test_vit_digits_shards_config_trains_from_demo_shards(tmp_path):
+@pytest.mark.parametrize("config", ["vision/vit_digits_shards.yaml", "clip/digits.yaml"])
+def test_shard_configs_train_from_demo_shards(tmp_path, config):
     from multimodal.data.demo import write_demo_shards
 
     write_demo_shards(tmp_path / "digits", progress=False)
     result = run(
         "fit",
         "--config",
-        str(ROOT / "configs/vision/vit_digits_shards.yaml"),
+        str(ROOT / "configs" / config),
         "--data.init_args.train_urls",
         str(tmp_path / "digits/train"),
         "--data.init_args.val_urls",
