@@ -22,6 +22,18 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+def fit_briefly(config: str, root_dir: Path, *overrides: str, steps: int) -> None:
+    """`multimodal fit` of configs/<config> for `steps` steps and one validation batch,
+    quietly, in `root_dir`; asserts it succeeds and stops where asked."""
+    result = run(
+        "fit", "--config", str(ROOT / "configs" / config), *overrides,
+        "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"max_steps={steps}" in result.stdout + result.stderr
+
+
 def test_help_lists_lightning_and_platform_commands():
     result = run("--help")
     assert result.returncode == 0, result.stderr
@@ -49,33 +61,13 @@ def test_every_config_parses(config):
 
 
 def test_fit_runs_the_smoke_config(tmp_path):
-    result = run(
-        "fit",
-        "--config",
-        str(ROOT / "configs/smoke/boring.yaml"),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.enable_progress_bar",
-        "false",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "max_steps=4" in result.stdout + result.stderr
+    fit_briefly("smoke/boring.yaml", tmp_path, steps=4)
 
 
 def test_vit_digits_config_trains_and_tests(tmp_path):
     config = str(ROOT / "configs/vision/vit_digits.yaml")
     common = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
-    fit = run(
-        "fit",
-        "--config",
-        config,
-        *common,
-        "--trainer.max_steps",
-        "3",
-        "--trainer.limit_val_batches",
-        "1",
-    )
-    assert fit.returncode == 0, fit.stderr
+    fit_briefly("vision/vit_digits.yaml", tmp_path, steps=3)
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     test = run("test", "--config", config, *common, "--ckpt_path", str(checkpoint))
     assert test.returncode == 0, test.stderr
@@ -118,22 +110,7 @@ def test_text_configs_train(name, tmp_path, text_files):
             text_files["tsv"],
         ],
     }.get(name, [])
-    result = run(
-        "fit",
-        "--config",
-        str(ROOT / f"configs/text/{name}.yaml"),
-        *overrides,
-        "--trainer.max_steps",
-        "2",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "max_steps=2" in result.stdout + result.stderr
+    fit_briefly(f"text/{name}.yaml", tmp_path, *overrides, steps=2)
 
 
 @pytest.mark.parametrize("config", ["vision/vit_digits_shards.yaml", "clip/digits.yaml"])
@@ -141,24 +118,10 @@ def test_shard_configs_train_from_demo_shards(tmp_path, config):
     from multimodal.data.demo import write_demo_shards
 
     write_demo_shards(tmp_path / "digits", progress=False)
-    result = run(
-        "fit",
-        "--config",
-        str(ROOT / "configs" / config),
-        "--data.init_args.train_urls",
-        str(tmp_path / "digits/train"),
-        "--data.init_args.val_urls",
-        str(tmp_path / "digits/val"),
-        "--data.init_args.num_workers",
-        "0",
-        "--trainer.max_steps",
-        "3",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "max_steps=3" in result.stdout + result.stderr
+    fit_briefly(
+        config, tmp_path,
+        "--data.init_args.train_urls", str(tmp_path / "digits/train"),
+        "--data.init_args.val_urls", str(tmp_path / "digits/val"),
+        "--data.init_args.num_workers", "0",
+        steps=3,
+    )  # fmt: skip
