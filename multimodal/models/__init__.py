@@ -2,5 +2,6 @@
 
 from multimodal.models.classifier import ImageClassificationModel
 from multimodal.models.clip import CLIP, CLIPOutput
+from multimodal.models.open_clip import OpenCLIP
 
-__all__ = ["CLIP", "CLIPOutput", "ImageClassificationModel"]
+__all__ = ["CLIP", "CLIPOutput", "ImageClassificationModel", "OpenCLIP"]
