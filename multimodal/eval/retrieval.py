@@ -141,6 +141,7 @@ def _max_norm(name: str, x: Tensor, chunk: int, dtype: torch.dtype) -> float:
     return norm
 
 
+@torch.no_grad()
 def retrieval_metrics(
     image_features: Tensor,
     text_features: Tensor,
@@ -350,6 +351,7 @@ def _rerank(
     return ranks
 
 
+@torch.no_grad()
 def topk_retrieval(
     query_features: Tensor,
     gallery_features: Tensor,

@@ -165,6 +165,8 @@ def test_topk_retrieval_equals_full_topk(chunk_size, k):
     expected_values, expected_index = (queries @ gallery.T).topk(k, dim=1)
     torch.testing.assert_close(values, expected_values)
     assert torch.equal(index, expected_index)  # random scores: no ties
+    # features straight from a model: no autograd graph is built
+    assert not topk_retrieval(queries.requires_grad_(), gallery, k)[0].requires_grad
 
 
 def test_rerank_with_ground_truth_scorer_moves_correct_items_in_top_k_to_rank_one():
