@@ -14,12 +14,14 @@ Ranks are 1-based and pessimistic about ties:
   text -> image).
 
 A model with constant embeddings therefore gets the worst possible ranks, not the best.
-"Score >= correct score" is evaluated as "score >= correct score - tie_tolerance": the correct
-scores are dot products computed apart from the matrix blocks, and the same dot product summed
-in another order can differ in its last bits (a few ulp), which would otherwise turn exact ties
-into wins. The default tolerance, 2 * sqrt(D) * eps(dtype) * max|image| * max|text|
-(5.4e-6 for unit fp32 features with D = 512, 1.3e-14 in fp64), is about ten times the largest
-difference measured between the two orders; pass 0.0 to compare exactly.
+"Score >= correct score" is exact when the correct scores, computed before the pass over
+the blocks with the same matmul kernel, equal the blocks' own values bit for bit (checked
+during the pass; true on CPU in practice). Where they do not (another BLAS path, e.g. on GPU or
+for tiny shapes: a few ulp), a tie could turn into a win, so the pass is run again comparing
+"score >= correct score - tolerance" with tolerance 4 * eps(dtype) * max|image| * max|text|
+(4.8e-7 for unit fp32 features, 4 ulp of a score of 1; 8.9e-16 in fp64): scores that close to
+the correct one count as ties. `tie_tolerance` fixes the margin instead (0.0: always exact
+comparisons, one pass); the result records the margin used.
 
 Scores are computed in the features' dtype (fp32 or fp64); fp16 / bf16 features are cast to
 fp32 block by block.
@@ -36,6 +38,7 @@ from torch import Tensor
 
 # rerank(image_index (Q, k), text_index (Q, k)) -> scores (Q, k); higher = better match
 Reranker = Callable[[Tensor, Tensor], Tensor]
+_GROUP = 512  # texts per matmul computing the correct scores (>= 64: the blocks' BLAS path)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class RetrievalResult:
 
     image_to_text: DirectionResult
     text_to_image: DirectionResult
+    tie_tolerance: float  # the margin applied (see the module docstring)
 
     def to_dict(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -180,7 +184,8 @@ def retrieval_metrics(
         ks: the K of Recall@K.
         chunk_size: side of the square score blocks; None chooses it from `max_memory_bytes`.
         max_memory_bytes: budget of one block (scores + comparison masks + feature chunks).
-        tie_tolerance: absolute score margin counted as a tie; None: the default above.
+        tie_tolerance: absolute score margin counted as a tie; None: exact, or the default
+            margin where the check fails (see the module docstring).
         rerank: optional re-ranking scorer (see above).
         rerank_k: number of embedding candidates re-scored per query.
         rerank_batch: queries per `rerank` call.
@@ -222,39 +227,23 @@ def retrieval_metrics(
     norms = _max_norm("image_features", image_features, chunk, dtype) * _max_norm(
         "text_features", text_features, chunk, dtype
     )
-    if tie_tolerance is None:
-        tie_tolerance = 2 * math.sqrt(dim) * torch.finfo(dtype).eps * norms
-
-    # correct scores: text . its image (chunked gather), then the max over each image's captions
-    text_score = torch.empty(n_texts, dtype=dtype, device=device)
-    for a, b in _bounds(n_texts, chunk):
-        images = image_features[text_image[a:b]].to(dtype)  # (c, D)
-        text_score[a:b] = (text_features[a:b].to(dtype) * images).sum(-1)
+    text_score = _correct_scores(image_features, text_features, text_image, dtype)
+    # the best caption of each image (a segment max); images without captions are not queries
     image_score = torch.full((n_images,), -math.inf, dtype=dtype, device=device)
     image_score.scatter_reduce_(0, text_image, text_score, reduce="amax")
     has_caption = torch.bincount(text_image, minlength=n_images) > 0
-    text_threshold = text_score - tie_tolerance
-    # images without captions are not queries: +inf counts nothing for them
-    image_threshold = torch.where(has_caption, image_score - tie_tolerance, math.inf)
+    image_score = torch.where(has_caption, image_score, math.inf)  # +inf: counts nothing
 
-    # counts of candidates (wrong or correct) with score >= threshold, then minus the correct
-    text_count = torch.zeros(n_texts, dtype=torch.long, device=device)
-    image_count = torch.zeros(n_images, dtype=torch.long, device=device)
-    image_bounds = _bounds(n_images, chunk)
-    for a, b in _bounds(n_texts, chunk):
-        texts = text_features[a:b].to(dtype)  # (ct, D)
-        row_threshold = text_threshold[a:b, None]
-        targets = text_image[a:b]
-        for c, d in image_bounds:
-            scores = texts @ image_features[c:d].to(dtype).T  # (ct, ci)
-            text_count[a:b] += (scores >= row_threshold).sum(1, dtype=torch.int32)
-            image_count[c:d] += (scores >= image_threshold[None, c:d]).sum(0, dtype=torch.int32)
-            # the correct (text, image) pairs inside this block
-            rows = torch.nonzero((targets >= c) & (targets < d)).squeeze(1)
-            cols = targets[rows]
-            values = scores[rows, cols - c]
-            text_count[a + rows] -= (values >= text_threshold[a + rows]).long()
-            image_count.index_add_(0, cols, -(values >= image_threshold[cols]).long())
+    tolerance = 0.0 if tie_tolerance is None else tie_tolerance
+    text_count, image_count, consistent = _count_pass(
+        image_features, text_features, text_image, text_score, image_score, tolerance, chunk, dtype
+    )
+    if tie_tolerance is None and not consistent:
+        tolerance = 4 * torch.finfo(dtype).eps * norms
+        text_count, image_count, _ = _count_pass(
+            image_features, text_features, text_image, text_score, image_score, tolerance,
+            chunk, dtype,
+        )  # fmt: skip
     text_rank = text_count + 1
     image_query = torch.nonzero(has_caption).squeeze(1)
     image_rank = image_count[image_query] + 1
@@ -290,7 +279,62 @@ def retrieval_metrics(
     return RetrievalResult(
         image_to_text=_summarise(image_rank, image_query, ks),
         text_to_image=_summarise(text_rank, torch.arange(n_texts, device=device), ks),
+        tie_tolerance=tolerance,
     )
+
+
+def _correct_scores(
+    image_features: Tensor, text_features: Tensor, text_image: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """(N_t,) score of each text with its own image, as the diagonal of (g, g) matmuls: the
+    same BLAS kernel as the blocks, so on CPU the values match the blocks' bit for bit in
+    practice (an elementwise product + sum differs by a few ulp). Checked in `_count_pass`."""
+    text_score = torch.empty(text_features.shape[0], dtype=dtype, device=text_features.device)
+    for a, b in _bounds(text_features.shape[0], _GROUP):
+        images = image_features[text_image[a:b]].to(dtype)  # (g, D)
+        text_score[a:b] = (text_features[a:b].to(dtype) @ images.T).diagonal()
+    return text_score
+
+
+def _count_pass(
+    image_features: Tensor,
+    text_features: Tensor,
+    text_image: Tensor,
+    text_score: Tensor,
+    image_score: Tensor,
+    tolerance: float,
+    chunk: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, bool]:
+    """One pass over the (text chunk, image chunk) blocks: for each text, the number of wrong
+    images with score >= its correct score - tolerance, and for each image the number of wrong
+    texts with score >= its best caption's score - tolerance. Also returns whether every
+    correct pair's score in its block equals `text_score` exactly."""
+    device = text_features.device
+    text_threshold = text_score - tolerance
+    image_threshold = image_score - tolerance
+    # counts of candidates (wrong or correct) with score >= threshold, then minus the correct
+    text_count = torch.zeros(text_features.shape[0], dtype=torch.long, device=device)
+    image_count = torch.zeros(image_features.shape[0], dtype=torch.long, device=device)
+    mismatch = torch.zeros((), dtype=torch.bool, device=device)
+    image_bounds = _bounds(image_features.shape[0], chunk)
+    for a, b in _bounds(text_features.shape[0], chunk):
+        texts = text_features[a:b].to(dtype)  # (ct, D)
+        row_threshold = text_threshold[a:b, None]
+        targets = text_image[a:b]
+        for c, d in image_bounds:
+            scores = texts @ image_features[c:d].to(dtype).T  # (ct, ci)
+            text_count[a:b] += (scores >= row_threshold).sum(1, dtype=torch.int32)
+            image_count[c:d] += (scores >= image_threshold[None, c:d]).sum(0, dtype=torch.int32)
+            # the correct (text, image) pairs inside this block
+            rows = torch.nonzero((targets >= c) & (targets < d)).squeeze(1)
+            cols = targets[rows]
+            values = scores[rows, cols - c]
+            text_count[a + rows] -= (values >= text_threshold[a + rows]).long()
+            image_count.index_add_(0, cols, -(values >= image_threshold[cols]).long())
+            mismatch |= (values != text_score[a + rows]).any()
+            del scores  # free the block before the next one is allocated
+    return text_count, image_count, not mismatch.item()
 
 
 def _summarise(ranks: Tensor, query_index: Tensor, ks: tuple[int, ...]) -> DirectionResult:
@@ -387,5 +431,6 @@ def topk_retrieval(
             merged_index = torch.cat([best_index, index + c], dim=1)
             best_scores, order = merged.topk(min(k, merged.shape[1]), dim=1)
             best_index = merged_index.gather(1, order)
+            del scores
         top_scores[a:b], top_index[a:b] = best_scores, best_index
     return top_scores, top_index

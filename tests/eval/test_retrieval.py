@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from multimodal.eval import retrieval
 from multimodal.eval.retrieval import auto_chunk_size, retrieval_metrics, topk_retrieval
 
 
@@ -87,6 +88,7 @@ def test_integer_features_with_ties_equal_brute_force(seed, chunk_size, tie_tole
     )
     check_direction(result.text_to_image, t2i, list(range(texts.shape[0])), ks)
     check_direction(result.image_to_text, i2t, queries, ks)
+    assert result.tie_tolerance == 0.0  # integer scores: the blocks match the correct scores
 
 
 def test_random_features_chunked_equals_unchunked_and_brute_force():
@@ -122,8 +124,8 @@ def test_constant_embeddings_get_the_worst_ranks():
     assert result.text_to_image.recall[1] == 0 and result.image_to_text.recall[10] == 0
 
 
-def test_default_tie_tolerance_counts_rounding_level_gaps_as_ties():
-    dim = 16  # fp32 unit features: tolerance 2 * sqrt(16) * eps = 9.5e-7
+def test_tie_tolerance_counts_gaps_below_it_as_ties():
+    dim = 16
     text = torch.zeros(1, dim)
     text[0, 0] = 1.0
     images = torch.zeros(3, dim)
@@ -131,10 +133,31 @@ def test_default_tie_tolerance_counts_rounding_level_gaps_as_ties():
     images[1:, 1] = (1 - images[1:, 0] ** 2).sqrt()  # unit norm
     for wrong, expected in ((1, 2), (2, 1)):
         features = images[[0, wrong]]
-        result = retrieval_metrics(features, text, torch.tensor([0]))
+        result = retrieval_metrics(features, text, torch.tensor([0]), tie_tolerance=5e-7)
         assert result.text_to_image.ranks.tolist() == [expected]
         exact = retrieval_metrics(features, text, torch.tensor([0]), tie_tolerance=0.0)
         assert exact.text_to_image.ranks.tolist() == [1]
+        assert exact.tie_tolerance == 0.0 and result.tie_tolerance == 5e-7
+
+
+def test_correct_scores_off_by_an_ulp_fall_back_to_the_tolerance(monkeypatch):
+    # simulate a BLAS whose separate correct scores come out 1 ulp above the blocks' values:
+    # with exact comparisons constant embeddings would then win every query
+    compute = retrieval._correct_scores
+    monkeypatch.setattr(
+        retrieval,
+        "_correct_scores",
+        lambda *args: torch.nextafter(compute(*args), torch.tensor(math.inf)),
+    )
+    vector = torch.ones(1, 8) / math.sqrt(8)
+    text_image = torch.tensor([0, 1, 2, 3])
+    images, texts = vector.expand(4, 8), vector.expand(4, 8)
+    exact = retrieval_metrics(images, texts, text_image, tie_tolerance=0.0)
+    assert exact.text_to_image.ranks.tolist() == [1, 1, 1, 1]  # the failure being guarded
+    result = retrieval_metrics(images, texts, text_image)
+    assert result.tie_tolerance == pytest.approx(4 * torch.finfo(torch.float32).eps)
+    assert result.text_to_image.ranks.tolist() == [4, 4, 4, 4]
+    assert result.image_to_text.ranks.tolist() == [4, 4, 4, 4]
 
 
 def test_perfect_model_ranks_one():
