@@ -117,12 +117,12 @@ def _check_positive(name: str, value: int | None) -> None:
 
 
 def auto_chunk_size(dim: int, itemsize: int, max_memory_bytes: int) -> int:
-    """Side c of the square (c, c) score blocks so that one block, its boolean comparison
-    masks and the two (c, D) feature chunks fit in `max_memory_bytes`:
-    c^2 * (itemsize + 2) + 2 * c * D * itemsize <= budget."""
+    """Side c of the square (c, c) score blocks so that one block, its boolean comparison mask,
+    the int32 copy of the mask that torch's sum makes, and the two (c, D) feature chunks fit in
+    `max_memory_bytes`: c^2 * (itemsize + 1 + 4) + 2 * c * D * itemsize <= budget."""
     if max_memory_bytes < 1:
         raise ValueError(f"max_memory_bytes must be positive, got {max_memory_bytes}")
-    a, b = itemsize + 2, 2 * dim * itemsize
+    a, b = itemsize + 5, 2 * dim * itemsize
     c = int((-b + math.sqrt(b * b + 4 * a * max_memory_bytes)) / (2 * a))
     return max(c, 1)
 
@@ -166,8 +166,10 @@ def retrieval_metrics(
     each block's scores are compared with the texts' correct scores (row counts, text -> image)
     and with the images' correct scores (column counts, image -> text). The correct scores are
     computed first: the dot product of each text with its image, and for each image the max
-    of that over its captions (a segment max). Peak extra memory is about `max_memory_bytes`
-    (plus O(N) for the counts).
+    of that over its captions (a segment max); if they do not match the blocks' own values bit
+    for bit, the pass runs again with a tolerance (module docstring). Peak extra memory is about
+    `max_memory_bytes` (plus O(N) for the counts). Re-ranking computes the top-k of the queries
+    it re-ranks with `topk_retrieval` (another pass over the gallery for those queries).
 
     Optional re-ranking (e.g. by an image-text matching head): for each query whose embedding
     rank is <= `rerank_k`, the top `rerank_k` candidates by embedding score are re-scored with

@@ -224,7 +224,7 @@ def test_rerank_with_ground_truth_scorer_moves_correct_items_in_top_k_to_rank_on
 def test_auto_chunk_size_fills_the_budget():
     for dim, itemsize, budget in [(512, 4, 512 * 2**20), (4, 8, 3000), (768, 2, 10**6)]:
         c = auto_chunk_size(dim, itemsize, budget)
-        used = [side * side * (itemsize + 2) + 2 * side * dim * itemsize for side in (c, c + 1)]
+        used = [side * side * (itemsize + 5) + 2 * side * dim * itemsize for side in (c, c + 1)]
         assert used[0] <= budget < used[1]
 
 
