@@ -12,13 +12,16 @@ byte-identical shards.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from multimodal.data.digits import DIGIT_NAMES, load_digit_images, split_indices
 from multimodal.data.shards import Sample, WriteSummary, encode_png, write_shards
+from text.tokenizer import Tokenizer, train_tokenizer
 
 CLASS_NAMES = DIGIT_NAMES
 NUMBER_WORDS = (*DIGIT_NAMES, "ten")
@@ -53,7 +56,7 @@ def render_captions(label: int, templates: tuple[str, ...]) -> list[str]:
 
 def vqa_pairs(label: int) -> list[dict[str, object]]:
     """The question-answer pairs of a digit, in the shard format: answers are lists of words."""
-    return [{"question": q, "answers": [answer(label)]} for q, answer in _ANSWERS.items()]
+    return [{"question": q, "answers": [a]} for q, a in zip(VQA_QUESTIONS, _answers(label))]
 
 
 def demo_samples(
@@ -97,6 +100,39 @@ def _samples(
         yield {"__key__": f"{PREFIX}-{index:06d}", "png": png, "txt": txt, "json": meta}
 
 
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_VOCAB = 256
+
+
+def demo_corpus() -> list[str]:
+    """Every text a model is trained on in the demo: the training captions of each digit,
+    the VQA questions and their answers (the held-out templates are left out)."""
+    texts = [
+        c for label in range(len(CLASS_NAMES)) for c in render_captions(label, TRAIN_TEMPLATES)
+    ]
+    texts += list(VQA_QUESTIONS)
+    texts += [a for label in range(len(CLASS_NAMES)) for a in _answers(label)]
+    return texts
+
+
+def _answers(label: int) -> list[str]:
+    return [answer(label) for answer in _ANSWERS.values()]
+
+
+def write_demo_tokenizer(out_dir: str | os.PathLike) -> Tokenizer:
+    """Train a small WordPiece tokenizer on `demo_corpus()` and save it to
+    `out_dir/tokenizer` (a few dozen ids: captioning and VQA decoders need no 49k-way
+    softmax). Word ids are `[PAD]` 0, `[CLS]` (start) and `[SEP]` (end) as in BERT."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(demo_corpus()) + "\n", encoding="utf-8")
+        tokenizer = train_tokenizer(
+            [corpus], kind="wordpiece", vocab_size=TOKENIZER_VOCAB, min_frequency=1
+        )
+    tokenizer.save(Path(out_dir) / TOKENIZER_DIR)
+    return tokenizer
+
+
 def write_demo_shards(
     out_dir: str | os.PathLike,
     *,
@@ -106,7 +142,8 @@ def write_demo_shards(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, WriteSummary]:
-    """Write the demo digits to `out_dir/{train,val,test}/digits-NNNNNN.tar`.
+    """Write the demo digits to `out_dir/{train,val,test}/digits-NNNNNN.tar`, and the demo's
+    small WordPiece tokenizer to `out_dir/tokenizer` (`write_demo_tokenizer`).
 
     Args:
         out_dir: root folder of the three shard series.
@@ -123,7 +160,7 @@ def write_demo_shards(
     if image_size < 8:
         raise ValueError(f"image_size={image_size} must be >= 8 pixels (the scans are 8x8)")
     images, labels = load_digit_images(image_size)
-    return write_shards(
+    summaries = write_shards(
         _samples(images, labels, seed, 0.15, 0.15),
         out_dir,
         prefix=PREFIX,
@@ -132,3 +169,5 @@ def write_demo_shards(
         progress=progress,
         total=len(labels),
     )
+    write_demo_tokenizer(out_dir)
+    return summaries

@@ -138,12 +138,23 @@ class ImageTextSample:
             "input_ids": self.tokenizer.encode(caption, max_length=self.context_length),
             "label": sample_label(sample),
             "key": sample["__key__"],
+            "references": self.references(sample, caption),
         }
+
+    @staticmethod
+    def references(sample: dict[str, Any], caption: str) -> list[str]:
+        """Every caption of the sample (`txt` and `json["captions"]`), for caption metrics."""
+        captions = sample.get("json", {}).get("captions") or []
+        text = sample.get("txt", "").strip()
+        found = [text] if text else []
+        found += [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        return list(dict.fromkeys(found)) or [caption]
 
 
 @dataclass
 class ImageTextCollator:
-    """Image-text items -> `images`, `input_ids`, `attention_mask`, `labels`, `keys`."""
+    """Image-text items -> `images`, `input_ids`, `attention_mask`, `labels`, `keys`,
+    `references` (all captions of each image)."""
 
     pad_id: int
     context_length: int
@@ -156,6 +167,7 @@ class ImageTextCollator:
             "attention_mask": mask,  # (B, T)
             "labels": torch.tensor([i["label"] for i in items], dtype=torch.long),  # (B,)
             "keys": [i["key"] for i in items],
+            "references": [i["references"] for i in items],  # every caption of each image
         }
 
 
@@ -191,6 +203,12 @@ def answer_targets(answers: Sequence[str], index: dict[str, int]) -> tuple[int, 
     return best, scores
 
 
+def most_common_answer(answers: Sequence[str]) -> str:
+    """The answer most annotators gave (normalised; ties: the first given); "" if none."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    return max(counts, key=counts.__getitem__, default="")
+
+
 @dataclass
 class VQASample:
     """Decoded sample -> one item per VQA pair: `{"image", "input_ids", "answers",
@@ -213,6 +231,9 @@ class VQASample:
                     "image": pixels,
                     "input_ids": self.tokenizer.encode(question, max_length=self.context_length),
                     "answers": answers,
+                    "answer_tokens": self.tokenizer.encode(
+                        most_common_answer(answers), max_length=self.context_length
+                    ),
                     "answer_id": answer_id,
                     "scores": scores,
                     "key": f"{sample['__key__']}/{n}",
@@ -224,7 +245,8 @@ class VQASample:
 @dataclass
 class VQACollator:
     """VQA items -> `images`, `input_ids`, `attention_mask`, `answers`, `answer_ids`,
-    `answer_scores` (B, n_answers), `keys`."""
+    `answer_scores` (B, n_answers), `answer_input_ids` / `answer_attention_mask` (the most
+    common answer tokenized, for answer decoders), `keys`."""
 
     pad_id: int
     context_length: int
@@ -232,6 +254,9 @@ class VQACollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         ids, mask = _pad_ids([i["input_ids"] for i in items], self.pad_id, self.context_length)
+        answer_ids, answer_mask = _pad_ids(
+            [i["answer_tokens"] for i in items], self.pad_id, self.context_length
+        )
         scores = torch.zeros(len(items), self.n_answers)  # (B, V)
         for row, item in enumerate(items):
             for answer, score in item["scores"].items():
@@ -241,6 +266,8 @@ class VQACollator:
             "input_ids": ids,  # (B, T)
             "attention_mask": mask,  # (B, T)
             "answers": [i["answers"] for i in items],
+            "answer_input_ids": answer_ids,  # (B, T_a) the most common answer, for decoders
+            "answer_attention_mask": answer_mask,  # (B, T_a)
             "answer_ids": torch.tensor([i["answer_id"] for i in items], dtype=torch.long),  # (B,)
             "answer_scores": scores,
             "keys": [i["key"] for i in items],

@@ -1,7 +1,22 @@
 """Composite vision-language models (CLIP, captioner, VQA): plain nn.Modules, no Lightning."""
 
+from multimodal.models.captioner import Captioner, CaptionerOutput
 from multimodal.models.classifier import ImageClassificationModel
 from multimodal.models.clip import CLIP, CLIPOutput
+from multimodal.models.itm import ITMHead, ITMPairs, itm_pairs
 from multimodal.models.open_clip import OpenCLIP
+from multimodal.models.vqa import VQAModel, VQAOutput
 
-__all__ = ["CLIP", "CLIPOutput", "ImageClassificationModel", "OpenCLIP"]
+__all__ = [
+    "CLIP",
+    "CLIPOutput",
+    "Captioner",
+    "CaptionerOutput",
+    "ITMHead",
+    "ITMPairs",
+    "ImageClassificationModel",
+    "OpenCLIP",
+    "VQAModel",
+    "VQAOutput",
+    "itm_pairs",
+]

@@ -16,6 +16,8 @@ class CLIPOutput(NamedTuple):
     text_features: Tensor  # (B, embed_dim), L2-normalised
     logit_scale: Tensor  # the multiplier of the cosine similarities (exp of the parameter)
     logit_bias: Tensor | None  # SigLIP's bias, None for CLIP
+    image_tokens: Tensor | None = None  # (B, N, image dim) with return_tokens=True
+    text_tokens: Tensor | None = None  # (B, T, text dim) with return_tokens=True
 
 
 class CLIP(nn.Module):
@@ -89,11 +91,22 @@ class CLIP(nn.Module):
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
     def forward(
-        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        return_tokens: bool = False,
     ) -> CLIPOutput:
+        """Normalised embeddings of both towers; with return_tokens also their token
+        features (for an image-text matching head)."""
+        image = self.image_tower(images)
+        text = self.text_tower(input_ids, attention_mask)
         return CLIPOutput(
-            self.encode_image(images),
-            self.encode_text(input_ids, attention_mask),
+            F.normalize(self.image_projection(image.pooled), dim=-1),
+            F.normalize(self.text_projection(text.pooled), dim=-1),
             self.scale(),
             self.logit_bias,
+            image.tokens if return_tokens else None,
+            text.tokens if return_tokens else None,
         )

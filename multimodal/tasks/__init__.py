@@ -1,11 +1,14 @@
 """LightningModules, one per training objective."""
 
+from multimodal.tasks.captioning import Captioning
 from multimodal.tasks.classification import ImageClassifier
 from multimodal.tasks.contrastive import ContrastivePretraining
 from multimodal.tasks.language_modeling import CausalLM, MaskedLM, Seq2SeqLM, TextClassifier
 from multimodal.tasks.optim import OptimConfig
+from multimodal.tasks.vqa import VisualQuestionAnswering
 
 __all__ = [
+    "Captioning",
     "CausalLM",
     "ContrastivePretraining",
     "ImageClassifier",
@@ -13,4 +16,5 @@ __all__ = [
     "OptimConfig",
     "Seq2SeqLM",
     "TextClassifier",
+    "VisualQuestionAnswering",
 ]

@@ -8,7 +8,8 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from multimodal.models.clip import CLIP, CLIPOutput
-from multimodal.models.losses import clip_loss, siglip_loss
+from multimodal.models.itm import ITMHead, itm_pairs
+from multimodal.models.losses import clip_loss, itm_loss, siglip_loss
 from multimodal.tasks.optim import OptimConfig, build_optimizer
 
 LOSSES = ("clip", "siglip")
@@ -25,6 +26,10 @@ class ContrastivePretraining(LightningModule):
             same gradients) instead of the full similarity matrix on every rank.
         gather_with_grad: gradients flow through the gathered features to every rank.
         optim: optimiser and schedule (no weight decay on the logit scale and bias).
+        itm_head: an image-text matching head trained next to the contrastive loss (ALBEF):
+            every pair, plus a hard negative text per image and a hard negative image per
+            text drawn from this rank's similarities; needs a model returning token features.
+        itm_weight: weight of the ITM loss.
     """
 
     def __init__(
@@ -35,21 +40,46 @@ class ContrastivePretraining(LightningModule):
         local_loss: bool = False,
         gather_with_grad: bool = True,
         optim: OptimConfig | None = None,
+        itm_head: ITMHead | None = None,
+        itm_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss={loss!r} must be one of {list(LOSSES)}")
         if loss == "siglip" and model.logit_bias is None:
             raise ValueError("loss='siglip' needs a CLIP built with init_logit_bias (e.g. -10)")
-        self.save_hyperparameters(ignore=["model"])
+        if itm_weight < 0:
+            raise ValueError(f"itm_weight={itm_weight} must be >= 0")
+        self.save_hyperparameters(ignore=["model", "itm_head"])
         self.model = model
+        self.itm_head = itm_head
+        self.itm_weight = itm_weight
         self.loss_name = loss
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.optim = optim or OptimConfig()
 
     def forward(self, batch: Batch) -> CLIPOutput:
-        return self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        if self.itm_head is None:
+            return self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        return self.model(
+            batch["images"], batch["input_ids"], batch["attention_mask"], return_tokens=True
+        )
+
+    def matching_loss(self, out: CLIPOutput, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(ITM loss, ITM accuracy) over the pairs and hard negatives of this rank's batch."""
+        assert self.itm_head is not None
+        if out.image_tokens is None or out.text_tokens is None:
+            raise ValueError("itm_head needs a model that returns token features")
+        similarity = out.logit_scale.detach() * out.image_features @ out.text_features.T
+        pairs = itm_pairs(similarity.float())
+        logits = self.itm_head(
+            out.image_tokens[pairs.image_index],
+            out.text_tokens[pairs.text_index],
+            attention_mask[pairs.text_index],
+        )
+        accuracy = (logits.argmax(dim=-1) == pairs.labels).float().mean()
+        return itm_loss(logits.float(), pairs.labels), accuracy
 
     def loss(self, out: CLIPOutput) -> Tensor:
         image, text = out.image_features.float(), out.text_features.float()
@@ -74,6 +104,11 @@ class ContrastivePretraining(LightningModule):
         sync = stage != "train"
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=sync)
         self.log(f"{stage}/acc", accuracy, prog_bar=True, sync_dist=sync)
+        if self.itm_head is not None:
+            matching, matching_acc = self.matching_loss(out, batch["attention_mask"])
+            self.log(f"{stage}/itm_loss", matching, sync_dist=sync)
+            self.log(f"{stage}/itm_acc", matching_acc, sync_dist=sync)
+            loss = loss + self.itm_weight * matching
         if stage == "train":
             self.log("train/logit_scale", out.logit_scale)
         return loss
@@ -85,4 +120,4 @@ class ContrastivePretraining(LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.model, self.optim, self.trainer.estimated_stepping_batches)
+        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)

@@ -1,0 +1,144 @@
+"""Captioning: teacher-forced cross-entropy of the caption given the image (with CoCa's
+contrastive loss when the model has a contrastive head); validation writes captions greedily
+and scores them against every reference caption of the image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from multimodal.models.captioner import Captioner
+from multimodal.models.losses import caption_loss, clip_loss
+from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
+from multimodal.tasks.optim import OptimConfig, build_optimizer
+from text.generation import GenerationConfig
+
+Batch = dict[str, Any]
+
+
+def next_token_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, T) ids -> (B, T - 1) labels of positions 0..T-2 (the next token), IGNORE on padding."""
+    return input_ids[:, 1:].masked_fill(~attention_mask[:, 1:].bool(), IGNORE)
+
+
+def cut_at(row: Tensor, eos_id: int | None) -> list[int]:
+    """The ids of a 1-D row up to, not including, its first `eos_id`."""
+    ids = row.tolist()
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+def normalize_caption(text: str) -> str:
+    """Lower-case, whitespace collapsed: what exact match compares."""
+    return " ".join(text.lower().split())
+
+
+class Captioning(LightningModule):
+    """Train a `Captioner` on image-caption batches (`images`, `input_ids` BOS ... EOS,
+    `attention_mask`; validation also reads `references`, every caption of each image).
+
+    Args:
+        model: the captioner (CoCa-style when built with a text tower).
+        optim: optimiser and schedule.
+        label_smoothing: of the caption cross-entropy.
+        contrastive_weight: weight of the CLIP loss of a CoCa-style model (CoCa: 1).
+        aux_loss_weight: weight of the decoder's mixture-of-experts balance loss.
+        generation: how validation captions are written (default: greedy, as long as the
+            decoder's max_positions allows); None of `val_generate` turns it off.
+        val_generate: write and score captions in validation (exact match).
+    """
+
+    def __init__(
+        self,
+        model: Captioner,
+        *,
+        optim: OptimConfig | None = None,
+        label_smoothing: float = 0.0,
+        contrastive_weight: float = 1.0,
+        aux_loss_weight: float = 0.01,
+        generation: GenerationConfig | None = None,
+        val_generate: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        if contrastive_weight < 0:
+            raise ValueError(f"contrastive_weight={contrastive_weight} must be >= 0")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.optim = optim or OptimConfig()
+        self.label_smoothing = label_smoothing
+        self.contrastive_weight = contrastive_weight
+        self.aux_loss_weight = aux_loss_weight
+        self.generation = generation or GenerationConfig(
+            max_new_tokens=model.decoder.config.max_positions - 1
+        )
+        self.val_generate = val_generate
+        self.val_exact_match = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        check_vocabulary(self, self.model.decoder.config.vocab_size)
+
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        """The caption loss, and the contrastive loss of a CoCa-style model."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out = self.model(batch["images"], ids[:, :-1], mask[:, :-1])
+        losses = {
+            "caption_loss": caption_loss(
+                out.logits.float(),
+                next_token_labels(ids, mask),
+                label_smoothing=self.label_smoothing,
+                ignore_index=IGNORE,
+            )
+        }
+        loss = losses["caption_loss"] + self.aux_loss_weight * out.aux_loss
+        if out.image_features is not None:
+            # the text tower sees the caption without its last token: the decoder's input
+            losses["contrastive_loss"] = clip_loss(
+                out.image_features.float(), out.text_features.float(), out.logit_scale
+            )
+            loss = loss + self.contrastive_weight * losses["contrastive_loss"]
+        losses["loss"] = loss
+        return losses
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss")
+        return losses["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        losses = self.losses(batch)
+        for name, value in losses.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=True)
+        if not self.val_generate:
+            return
+        captions = self.write_captions(batch["images"])
+        references = batch.get("references") or [
+            [text]
+            for text in self.decode(batch["input_ids"][:, 1:])  # after BOS
+        ]
+        matches = [
+            normalize_caption(c) in {normalize_caption(r) for r in refs}
+            for c, refs in zip(captions, references, strict=True)
+        ]
+        self.val_exact_match.update(torch.tensor(matches, dtype=torch.float))
+        self.log("val/exact_match", self.val_exact_match, prog_bar=True)
+
+    def write_captions(self, images: Tensor) -> list[str]:
+        """Captions of a batch of images, decoded to text with the datamodule's tokenizer."""
+        return self.decode(self.model.generate(images, self.generation).sequences)
+
+    def decode(self, ids: Tensor) -> list[str]:
+        """Token rows -> text, each cut at its first EOS (the padding after it may be a real
+        token: CLIP pads with the id of "!")."""
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("validation captions need a datamodule with a `tokenizer`")
+        return [tokenizer.decode(cut_at(row, self.model.decoder.config.eos_id)) for row in ids]
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)

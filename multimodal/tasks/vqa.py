@@ -1,0 +1,106 @@
+"""Visual question answering: soft-score BCE over the answer vocabulary (plus the answer
+decoder's cross-entropy when the model writes answers); accuracy is the VQA soft score of the
+predicted answer."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from multimodal.models.losses import caption_loss, vqa_loss
+from multimodal.models.vqa import VQAModel
+from multimodal.tasks.captioning import next_token_labels
+from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
+from multimodal.tasks.optim import OptimConfig, build_optimizer
+
+Batch = dict[str, Any]
+
+
+@runtime_checkable
+class HasAnswers(Protocol):
+    """Datamodules with an answer vocabulary (`VQADataModule`)."""
+
+    num_answers: int
+
+
+class VisualQuestionAnswering(LightningModule):
+    """Train a `VQAModel` on `VQADataModule` batches (`images`, `input_ids`,
+    `attention_mask`, `answer_scores` (B, A) soft targets; with an answer decoder also
+    `answer_input_ids` / `answer_attention_mask`).
+
+    Args:
+        model: the VQA model; its `num_answers` must equal the datamodule's.
+        optim: optimiser and schedule.
+        answer_loss_weight: weight of the answer decoder's token cross-entropy.
+    """
+
+    def __init__(
+        self,
+        model: VQAModel,
+        *,
+        optim: OptimConfig | None = None,
+        answer_loss_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if answer_loss_weight < 0:
+            raise ValueError(f"answer_loss_weight={answer_loss_weight} must be >= 0")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.optim = optim or OptimConfig()
+        self.answer_loss_weight = answer_loss_weight
+        self.train_acc = MeanMetric()
+        self.val_acc = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(datamodule, HasAnswers) and datamodule.num_answers != self.model.num_answers:
+            raise ValueError(
+                f"the data has {datamodule.num_answers} answers in its vocabulary but the "
+                f"model's num_answers is {self.model.num_answers}: set it to "
+                f"{datamodule.num_answers}"
+            )
+        if self.model.answer_decoder is not None:
+            check_vocabulary(self, self.model.answer_decoder.config.vocab_size)
+
+    def _step(self, batch: Batch, stage: str) -> Tensor:
+        decoding = self.model.answer_decoder is not None
+        answer_ids = batch["answer_input_ids"] if decoding else None
+        answer_mask = batch["answer_attention_mask"] if decoding else None
+        out = self.model(
+            batch["images"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            answer_ids=None if answer_ids is None else answer_ids[:, :-1],
+            answer_mask=None if answer_mask is None else answer_mask[:, :-1],
+        )
+        scores = batch["answer_scores"]
+        loss = vqa_loss(out.logits.float(), scores)
+        sync = stage != "train"
+        self.log(f"{stage}/answer_loss", loss, sync_dist=sync)
+        if out.answer_logits is not None:
+            decoder_loss = caption_loss(
+                out.answer_logits.float(),
+                next_token_labels(answer_ids, answer_mask),
+                ignore_index=IGNORE,
+            )
+            self.log(f"{stage}/decoder_loss", decoder_loss, sync_dist=sync)
+            loss = loss + self.answer_loss_weight * decoder_loss
+        # VQA accuracy: the soft score of the predicted answer, min(#annotators / 3, 1)
+        predicted = out.logits.argmax(dim=-1)
+        accuracy = self.train_acc if stage == "train" else self.val_acc
+        accuracy.update(scores.gather(1, predicted[:, None]).squeeze(1))
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=sync)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)
