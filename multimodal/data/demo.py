@@ -56,7 +56,9 @@ def render_captions(label: int, templates: tuple[str, ...]) -> list[str]:
 
 def vqa_pairs(label: int) -> list[dict[str, object]]:
     """The question-answer pairs of a digit, in the shard format: answers are lists of words."""
-    return [{"question": q, "answers": [a]} for q, a in zip(VQA_QUESTIONS, _answers(label))]
+    return [
+        {"question": q, "answers": [a]} for q, a in zip(VQA_QUESTIONS, _answers(label), strict=True)
+    ]
 
 
 def demo_samples(

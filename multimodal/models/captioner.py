@@ -142,7 +142,8 @@ class Captioner(nn.Module):
         generator: torch.Generator | None = None,
     ) -> GenerationOutput:
         """Captions for (B, C, H, W) images, starting from BOS (greedy, beam or sampling as
-        `config` says; default: greedy up to max_positions); returns the new tokens (B * copies, T_new), eos then pad at the end."""
+        `config` says; default: greedy up to max_positions); returns the new tokens
+        (B * copies, T_new), eos then pad at the end."""
         context = self.image_tokens(images)
         config = config or GenerationConfig(max_new_tokens=self.decoder.config.max_positions - 1)
         bos = torch.full((images.shape[0], 1), self.decoder.config.bos_id, device=images.device)
