@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 from webdataset.tariterators import base_plus_ext
 
+from multimodal.data.answers import normalize_answer  # the form answers are counted in
 from multimodal.data.pipeline import (
     Batch,
     ShardLoader,
@@ -69,11 +70,6 @@ def clip_image_transform(image_size: int = 224) -> ImageTransformConfig:
         hflip=0.0,
         crop_pct=1.0,
     )
-
-
-def normalize_answer(answer: str) -> str:
-    """Lower-cased, whitespace collapsed: the form answers are counted and looked up in."""
-    return " ".join(answer.lower().split())
 
 
 def sample_label(sample: dict[str, Any]) -> int:
