@@ -46,6 +46,7 @@ _ANSWERS: dict[str, Callable[[int], str]] = {
     "what is this number plus one?": lambda label: NUMBER_WORDS[label + 1],
 }
 VQA_QUESTIONS = tuple(_ANSWERS)
+ANNOTATORS = 3  # VQA scores an answer min(#annotators giving it / 3, 1)
 PREFIX = "digits"
 
 
@@ -55,9 +56,11 @@ def render_captions(label: int, templates: tuple[str, ...]) -> list[str]:
 
 
 def vqa_pairs(label: int) -> list[dict[str, object]]:
-    """The question-answer pairs of a digit, in the shard format: answers are lists of words."""
+    """The question-answer pairs of a digit, in the shard format: each answer given by
+    `ANNOTATORS` annotators (the VQA soft score of the answer is then 1)."""
     return [
-        {"question": q, "answers": [a]} for q, a in zip(VQA_QUESTIONS, _answers(label), strict=True)
+        {"question": q, "answers": [a] * ANNOTATORS}
+        for q, a in zip(VQA_QUESTIONS, _answers(label), strict=True)
     ]
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from multimodal.data import DIGIT_NAMES, load_digit_images, split_indices
 from multimodal.data.demo import (
+    ANNOTATORS,
     HELD_OUT_TEMPLATES,
     TRAIN_TEMPLATES,
     VQA_QUESTIONS,
@@ -91,9 +92,9 @@ def test_labels_images_and_vqa_answers(demo):
         assert meta["split"] == "val"
         answers = {pair["question"]: pair["answers"] for pair in meta["vqa"]}
         assert list(answers) == list(VQA_QUESTIONS)
-        assert answers["what digit is this?"] == [DIGIT_NAMES[label]]
-        assert answers["is it even?"] == ["yes" if label in (0, 2, 4, 6, 8) else "no"]
-        assert answers["is it greater than five?"] == ["yes" if label in (6, 7, 8, 9) else "no"]
+        assert answers["what digit is this?"] == [DIGIT_NAMES[label]] * ANNOTATORS
+        assert answers["is it even?"] == ["yes" if label in (0, 2, 4, 6, 8) else "no"] * 3
+        assert answers["is it greater than five?"] == ["yes" if label in (6, 7, 8, 9) else "no"] * 3
         seen.add(label)
         if len(seen) == 1:  # pixels round-trip exactly (PNG is lossless)
             pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
@@ -101,8 +102,9 @@ def test_labels_images_and_vqa_answers(demo):
     assert seen == set(range(10))
     seven = next(s for s in samples.values() if s["cls"] == 7)
     answers = {pair["question"]: pair["answers"] for pair in seven["json"]["vqa"]}
-    assert answers["what digit is this?"] == ["seven"] and answers["is it even?"] == ["no"]
-    assert answers["is it greater than five?"] == ["yes"]
+    assert answers["what digit is this?"] == ["seven"] * 3 and answers["is it even?"] == ["no"] * 3
+    assert answers["is it greater than five?"] == ["yes"] * 3
+    assert ANNOTATORS == 3
 
 
 def test_same_seed_gives_identical_bytes(demo, tmp_path):
