@@ -3,8 +3,8 @@
 `fit`, `validate`, `test` and `predict` are LightningCLI's: a model is any LightningModule
 (`--model path.to.Task` or `class_path` in a YAML config), data any LightningDataModule, and
 every Trainer flag is available (`--trainer.precision bf16-mixed`, `--trainer.devices 2`).
-The platform's own commands (`demo`, `tokenizer`, `shards`, and later `zeroshot`,
-`retrieval`) are dispatched before LightningCLI sees the arguments.
+The platform's own commands (`demo`, `tokenizer`, `shards`, `zeroshot`, `retrieval`) are
+dispatched before LightningCLI sees the arguments.
 """
 
 from __future__ import annotations
@@ -28,14 +28,10 @@ class Command(NamedTuple):
 
 
 def demo(args: list[str]) -> int:
-    """The end-to-end demo; arrives with the evaluation issue."""
-    print(
-        "multimodal demo: the demo is not built yet. It will write the digits shards, train a "
-        "small CLIP and write an evaluation report once the data, model and evaluation "
-        "layers exist. Nothing was run.",
-        file=sys.stderr,
-    )
-    return 1
+    """`multimodal demo`: digits shards -> a small CLIP -> zero-shot and retrieval report."""
+    from multimodal.demo import main as demo_main
+
+    return demo_main(args)
 
 
 def tokenizer(args: list[str]) -> int:
@@ -52,12 +48,28 @@ def shards(args: list[str]) -> int:
     return shards_main(args)
 
 
+def zeroshot(args: list[str]) -> int:
+    """`multimodal zeroshot ...`: zero-shot classification report of a checkpoint."""
+    from multimodal.eval.commands import zeroshot_main
+
+    return zeroshot_main(args)
+
+
+def retrieval(args: list[str]) -> int:
+    """`multimodal retrieval ...`: image-text retrieval report of a checkpoint."""
+    from multimodal.eval.commands import retrieval_main
+
+    return retrieval_main(args)
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command("train a small CLIP on the bundled digits and write its report", demo),
     "tokenizer": Command("train a WordPiece or byte-level BPE tokenizer on text files", tokenizer),
     "shards": Command(
         "write webdataset shards: demo digits, captioned image folders, torchvision", shards
     ),
+    "zeroshot": Command("zero-shot classification report of a checkpoint on shards", zeroshot),
+    "retrieval": Command("image-text retrieval report of a checkpoint on shards", retrieval),
 }
 
 

@@ -1,0 +1,390 @@
+"""Zero-shot classification and retrieval of a loaded model over image-text shards, each turned
+into report metrics and sections; used by `multimodal zeroshot`, `multimodal retrieval` and
+`multimodal demo`.
+
+Shards are read with the datamodules' own sample map and collate (`ImageTextSample`,
+`ImageTextCollator`) in one ordered pass (`eval_loader`); the images shown in a report are
+fetched by sample key in a second pass that stops once it has them all, so no image is kept in
+memory during the evaluation itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from multimodal.data.pipeline import ShardLoader, ShardPipelineConfig, build_pipeline
+from multimodal.data.shards_datamodules import ImageTextCollator, ImageTextSample
+from multimodal.eval.class_names import Template
+from multimodal.eval.loading import LoadedModel
+from multimodal.eval.report import (
+    Marked,
+    RetrievalExample,
+    Section,
+    Text,
+    confusion_section,
+    per_class_section,
+    recall_curve_section,
+    retrieval_examples_section,
+    table_section,
+)
+from multimodal.eval.retrieval import RetrievalResult, retrieval_metrics, topk_retrieval
+from multimodal.eval.zeroshot import PRECISIONS, ZeroShotResult, eval_mode, zeroshot_evaluate
+
+CAPTIONS = ("all", "txt")
+RECALL_KS = (1, 5, 10)
+CURVE_KS = (1, 2, 5, 10, 20, 50, 100)
+TOP_RESULTS = 5
+
+
+def eval_loader(
+    urls: str | list[str], loaded: LoadedModel, *, batch_size: int = 256, num_workers: int = 2
+) -> ShardLoader:
+    """Every sample of the shards once, in order, partial last batch kept: dict batches with
+    `images`, `labels`, `keys` and `references` (every caption of each image)."""
+    config = ShardPipelineConfig(
+        urls=urls, batch_size=batch_size, shuffle_shards=False, shuffle_buffer=0, drop_last=False
+    )
+    sample = ImageTextSample(
+        transform=loaded.transform,
+        tokenizer=loaded.data_tokenizer,
+        context_length=loaded.context_length,
+        sample_captions=False,
+    )
+    collate = ImageTextCollator(
+        pad_id=loaded.data_tokenizer.pad_id, context_length=loaded.context_length
+    )
+    dataset = build_pipeline(config, sample, rank=0, world_size=1, collate=collate)
+    return ShardLoader(dataset, num_workers=num_workers)
+
+
+LoaderFactory = Callable[[], ShardLoader]
+
+
+def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised (3, H, W) tensor back to an (H, W, 3) float array in [0, 1] to show."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    pixels = (image.float().cpu() * std_t + mean_t).clamp(0, 1)
+    return pixels.permute(1, 2, 0).numpy()
+
+
+def images_by_key(
+    loader: ShardLoader, keys: Sequence[str], mean: Sequence[float], std: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """The images of `keys` (display arrays, see `to_display`), read from a fresh pass over the
+    shards that stops once every key is found."""
+    wanted = set(keys)
+    found: dict[str, np.ndarray] = {}
+    if not wanted:
+        return found
+    for batch in loader:
+        for key, image in zip(batch["keys"], batch["images"], strict=True):
+            if key in wanted:
+                found[key] = to_display(image, mean, std)
+        if len(found) == len(wanted):
+            break
+    missing = wanted - set(found)
+    if missing:
+        raise RuntimeError(f"samples {sorted(missing)[:5]} were not found in a second pass")
+    return found
+
+
+@dataclass
+class _KeyRecorder:
+    """Iterates a loader, recording the sample keys in order (and keeping its length)."""
+
+    loader: ShardLoader
+    keys: list[str]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            self.keys.extend(batch["keys"])
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def _has_length(loader: Any) -> bool:
+    try:
+        len(loader)
+    except TypeError:
+        return False
+    return True
+
+
+@dataclass
+class ZeroShotRun:
+    """A zero-shot evaluation: the result, the report metrics and the report sections."""
+
+    result: ZeroShotResult
+    metrics: dict[str, Any]
+    sections: list[Section]
+
+
+def run_zeroshot(
+    loaded: LoadedModel,
+    loaders: LoaderFactory,
+    class_names: Sequence[str],
+    templates: Sequence[Template],
+    *,
+    precision: str = "fp32",
+    text_batch_size: int = 256,
+    n_examples: int = 16,
+    progress: bool = True,
+) -> ZeroShotRun:
+    """Zero-shot classification of the labelled images of `loaders()` with prompts made from
+    `class_names` and `templates`; sections: per-class accuracy, confusion matrix and example
+    images with their predicted and true class (the wrong predictions first)."""
+    keys: list[str] = []
+    result = zeroshot_evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        _KeyRecorder(loaders(), keys),
+        class_names,
+        templates,
+        context_length=loaded.context_length,
+        text_batch_size=text_batch_size,
+        precision=precision,
+        progress=progress,
+    )
+    metrics = {
+        "top1": result.top1,
+        "top5": result.top5,
+        "mean_per_class_recall": result.mean_per_class_recall,
+        "n_samples": result.n_samples,
+        "n_classes": len(result.class_names),
+    }
+    sections = [
+        per_class_section(
+            result.class_names,
+            result.per_class_accuracy,
+            support=result.support,
+            title="Zero-shot: per-class accuracy",
+        ),
+        confusion_section(
+            result.confusion, result.class_names, title="Zero-shot: confusion matrix"
+        ),
+    ]
+    if n_examples > 0:
+        sections.append(_zeroshot_examples(loaded, loaders, result, keys, n_examples))
+    return ZeroShotRun(result, metrics, sections)
+
+
+def _zeroshot_examples(
+    loaded: LoadedModel,
+    loaders: LoaderFactory,
+    result: ZeroShotResult,
+    keys: list[str],
+    n_examples: int,
+) -> Section:
+    correct = (result.predictions == result.labels).tolist()
+    wrong = [i for i, ok in enumerate(correct) if not ok][: n_examples // 2]
+    right = [i for i, ok in enumerate(correct) if ok][: n_examples - len(wrong)]
+    chosen = sorted(wrong + right)
+    images = images_by_key(loaders(), [keys[i] for i in chosen], loaded.mean, loaded.std)
+    names = result.class_names
+    rows = [
+        {
+            "image": images[keys[i]],
+            "key": keys[i],
+            "true class": names[int(result.labels[i])],
+            "predicted": Marked(names[int(result.predictions[i])], correct[i]),
+        }
+        for i in chosen
+    ]
+    return table_section(
+        "Zero-shot: examples",
+        rows,
+        text=f"{len(wrong)} misclassified and {len(right)} correctly classified images.",
+    )
+
+
+@dataclass
+class RetrievalRun:
+    """A retrieval evaluation: the result, the report metrics and the report sections."""
+
+    result: RetrievalResult
+    metrics: dict[str, Any]
+    sections: list[Section]
+
+
+@torch.no_grad()
+def embed_images_and_captions(
+    loaded: LoadedModel,
+    loader: ShardLoader,
+    *,
+    captions: str = "all",
+    precision: str = "fp32",
+    batch_size: int = 256,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, list[str], list[str]]:
+    """(image features (N_i, D), text features (N_t, D), text_image (N_t,), keys (N_i),
+    texts (N_t)), features L2-normalised fp32 on the model's device. `captions`: "all" (every
+    caption of each image) or "txt" (its main caption)."""
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions={captions!r} must be one of {list(CAPTIONS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
+    model = loaded.model
+    device = next(model.parameters()).device
+    dtype = PRECISIONS[precision]
+    image_chunks: list[Tensor] = []
+    keys: list[str] = []
+    texts: list[str] = []
+    owners: list[int] = []
+    total = len(loader) if _has_length(loader) else None
+    with eval_mode(model):
+        for batch in tqdm(loader, total=total, disable=not progress, desc="images", unit="batch"):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                features = model.encode_image(batch["images"].to(device), normalize=True)
+            image_chunks.append(F.normalize(features.float(), dim=-1))
+            for key, references in zip(batch["keys"], batch["references"], strict=True):
+                chosen = references if captions == "all" else references[:1]
+                texts.extend(chosen)
+                owners.extend([len(keys)] * len(chosen))
+                keys.append(key)
+        if not image_chunks:
+            raise ValueError("the data yielded no images")
+        text_chunks = []
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, disable=not progress, desc="captions", unit="batch"):
+            tokens = loaded.tokenizer.batch_encode(
+                texts[start : start + batch_size], max_length=loaded.context_length
+            )
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                features = model.encode_text(
+                    tokens.input_ids.to(device), tokens.attention_mask.to(device), normalize=True
+                )
+            text_chunks.append(F.normalize(features.float(), dim=-1))
+    text_image = torch.tensor(owners, dtype=torch.long, device=device)
+    return torch.cat(image_chunks), torch.cat(text_chunks), text_image, keys, texts
+
+
+def recall_curve(ranks: Tensor, gallery: int, ks: Sequence[int] = CURVE_KS) -> dict[int, float]:
+    """{K: share of queries with rank <= K} for the K of `ks` up to the gallery size."""
+    chosen = [k for k in ks if k <= gallery] or [gallery]
+    return {k: (ranks <= k).double().mean().item() for k in chosen}
+
+
+def run_retrieval(
+    loaded: LoadedModel,
+    loaders: LoaderFactory,
+    *,
+    captions: str = "all",
+    precision: str = "fp32",
+    batch_size: int = 256,
+    max_memory_bytes: int = 512 * 2**20,
+    n_examples: int = 4,
+    progress: bool = True,
+) -> RetrievalRun:
+    """Image -> text and text -> image retrieval among every image and caption of
+    `loaders()`; sections: Recall@K curves and example queries with their top 5 results."""
+    image_features, text_features, text_image, keys, texts = embed_images_and_captions(
+        loaded, loaders(), captions=captions, precision=precision, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    result = retrieval_metrics(
+        image_features, text_features, text_image, ks=RECALL_KS, max_memory_bytes=max_memory_bytes
+    )
+    n_images, n_texts = len(image_features), len(text_features)
+    metrics = {
+        **result.to_dict(),
+        "n_images": n_images,
+        "n_texts": n_texts,
+        "captions": captions,
+    }
+    curves = {
+        "image->text": recall_curve(result.image_to_text.ranks, n_texts),
+        "text->image": recall_curve(result.text_to_image.ranks, n_images),
+    }
+    sections = [recall_curve_section(curves, title="Retrieval: Recall@K")]
+    if n_examples > 0:
+        sections.append(
+            _retrieval_examples(
+                loaded,
+                loaders,
+                image_features,
+                text_features,
+                text_image,
+                keys,
+                texts,
+                n_examples,
+                max_memory_bytes,
+            )  # fmt: skip
+        )
+    return RetrievalRun(result, metrics, sections)
+
+
+def _spread(n: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(n)."""
+    count = min(count, n)
+    return sorted({math.floor(i * n / count) for i in range(count)})
+
+
+def _retrieval_examples(
+    loaded: LoadedModel,
+    loaders: LoaderFactory,
+    image_features: Tensor,
+    text_features: Tensor,
+    text_image: Tensor,
+    keys: list[str],
+    texts: list[str],
+    n_examples: int,
+    max_memory_bytes: int,
+) -> Section:
+    text_queries = torch.tensor(_spread(len(texts), n_examples), device=text_image.device)
+    _, found_images = topk_retrieval(
+        text_features[text_queries],
+        image_features,
+        min(TOP_RESULTS, len(image_features)),
+        max_memory_bytes=max_memory_bytes,
+    )  # (q, k) image indices
+    captioned = torch.unique(text_image)  # images that are queries
+    image_queries = captioned[_spread(len(captioned), n_examples)]
+    _, found_texts = topk_retrieval(
+        image_features[image_queries],
+        text_features,
+        min(TOP_RESULTS, len(text_features)),
+        max_memory_bytes=max_memory_bytes,
+    )  # (q, k) text indices
+    needed = {keys[i] for i in found_images.flatten().tolist()}
+    needed |= {keys[i] for i in image_queries.tolist()}
+    images = images_by_key(loaders(), sorted(needed), loaded.mean, loaded.std)
+    text_to_image = [
+        RetrievalExample(
+            texts[q],
+            [images[keys[i]] for i in row],
+            [i == int(text_image[q]) for i in row],
+        )
+        for q, row in zip(text_queries.tolist(), found_images.tolist(), strict=True)
+    ]
+    image_to_text = [
+        RetrievalExample(
+            images[keys[q]],
+            [texts[t] for t in row],
+            [int(text_image[t]) == q for t in row],
+        )
+        for q, row in zip(image_queries.tolist(), found_texts.tolist(), strict=True)
+    ]
+    section = retrieval_examples_section(
+        text_to_image, image_to_text, title="Retrieval: examples (top 5)"
+    )
+    section.blocks.insert(
+        0,
+        Text(
+            "A result is correct (✓) when it is the query's own image or one of the image's own "
+            "captions; another image that fits the caption equally well counts as wrong, as in "
+            "Recall@K."
+        ),
+    )
+    return section
