@@ -14,3 +14,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The demo digits shards and tokenizer, written once per test session."""
+    from multimodal.data.demo import write_demo_shards
+
+    root = tmp_path_factory.mktemp("digits")
+    write_demo_shards(root, progress=False)
+    return root

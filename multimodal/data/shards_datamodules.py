@@ -208,19 +208,23 @@ def most_common_answer(answers: Sequence[str]) -> str:
 @dataclass
 class VQASample:
     """Decoded sample -> one item per VQA pair: `{"image", "input_ids", "answers",
-    "answer_id", "scores", "key"}` (the image transformed once, shared by its questions)."""
+    "answer_id", "scores", "key"}` (the image transformed once, shared by its questions);
+    with `one_question`, one pair drawn at random (one item per image)."""
 
     transform: Callable
     tokenizer: Tokenizer
     context_length: int
     answer_index: dict[str, int]
+    one_question: bool = False
 
     def __call__(self, sample: dict[str, Any]) -> list[dict[str, Any]]:
         image = _image(sample)
-        pairs = vqa_pairs(sample)
+        pairs = list(enumerate(vqa_pairs(sample)))
+        if self.one_question:
+            pairs = [random.choice(pairs)]
         pixels = self.transform(image)  # (3, H, W)
         items = []
-        for n, (question, answers) in enumerate(pairs):
+        for n, (question, answers) in pairs:
             answer_id, scores = answer_targets(answers, self.answer_index)
             items.append(
                 {
@@ -503,6 +507,9 @@ class VQADataModule(_TokenizedShardDataModule):
     Args:
         answer_vocab: the answers, in id order (None = built from `train_urls`).
         max_answers: size of a built vocabulary (VQA v2 models use 3129).
+        one_question_per_image: in training, one question drawn at random per image and
+            epoch instead of all of them: every batch holds `batch_size` different images
+            and an epoch is one pass over the images (validation always asks every question).
         (the other arguments as `ImageTextDataModule`; `context_length` bounds the question)
     """
 
@@ -515,6 +522,7 @@ class VQADataModule(_TokenizedShardDataModule):
         transform: ImageTransformConfig | None = None,
         answer_vocab: list[str] | None = None,
         max_answers: int | None = 3129,
+        one_question_per_image: bool = True,
         batch_size: int = 64,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -552,6 +560,7 @@ class VQADataModule(_TokenizedShardDataModule):
         if max_answers is not None and max_answers <= 0:
             raise ValueError(f"max_answers={max_answers} must be > 0 or None")
         self.max_answers = max_answers
+        self.one_question_per_image = one_question_per_image
         self._answer_vocab = answer_vocab
 
     @property
@@ -582,6 +591,7 @@ class VQADataModule(_TokenizedShardDataModule):
             tokenizer=self.tokenizer,
             context_length=self.context_length,
             answer_index={answer: i for i, answer in enumerate(self.answer_vocab)},
+            one_question=self.one_question_per_image and split == "train",
         )
 
     def collate(self) -> VQACollator:

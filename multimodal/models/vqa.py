@@ -34,6 +34,9 @@ class VQAModel(nn.Module):
         num_answers: size of the answer vocabulary (the datamodule's `num_answers`).
         answer_decoder: a `DecoderLM` with cross-attention to the fused tokens
             (`context_dim` = fusion.dim, bos_id/eos_id set) that writes answers as text.
+        pool: what the classifier reads: "mean" over the real fused tokens (learns fastest
+            from scratch: the image tokens reach it directly), or "cls" (the first question
+            token, ViLT / VisualBERT with pretrained towers).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class VQAModel(nn.Module):
         num_answers: int,
         *,
         answer_decoder: DecoderLM | None = None,
+        pool: str = "mean",
     ) -> None:
         super().__init__()
         if num_answers <= 0:
@@ -64,7 +68,7 @@ class VQAModel(nn.Module):
         self.text_tower = text_tower
         self.image_projection = _to_width(image_tower.out_dim, fusion.dim)
         self.text_projection = _to_width(text_tower.config.dim, fusion.dim)
-        self.fusion = SingleStreamEncoder(fusion, pool="cls")
+        self.fusion = SingleStreamEncoder(fusion, pool=pool)
         self.classifier = nn.Sequential(  # the VQA head of ViLT / BUTD: dim -> 2 dim -> answers
             nn.Linear(fusion.dim, 2 * fusion.dim),
             nn.LayerNorm(2 * fusion.dim),
@@ -122,10 +126,12 @@ class VQAModel(nn.Module):
         attention_mask: Tensor | None = None,
         config: GenerationConfig | None = None,
     ) -> GenerationOutput:
-        """Answers written by the answer decoder from BOS (greedy unless `config` says)."""
+        """Answers written by the answer decoder from BOS (default: greedy, at most 8 tokens)."""
         if self.answer_decoder is None:
             raise ValueError("generate_answers needs a VQAModel built with answer_decoder")
         _, fused, mask = self.fuse(images, input_ids, attention_mask)
+        limit = self.answer_decoder.config.max_positions - 1
+        config = config or GenerationConfig(max_new_tokens=min(limit, 8))
         bos = torch.full((images.shape[0], 1), self.answer_decoder.config.bos_id)
         return generate(
             self.answer_decoder,

@@ -1,0 +1,66 @@
+"""Every vision-language config trains a few steps on the demo shards under fp32, bf16-mixed
+and 16-mixed, and under 2-process DDP (gloo on CPU)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import CONFIGS, cli_from_config
+
+CONFIGS_VL = ["clip/digits.yaml", "caption/digits.yaml", "vqa/digits.yaml"]
+
+
+def data_overrides(config: str, shards: Path) -> list[str]:
+    """Point a config at the session's demo shards (and their tokenizer), no workers."""
+    args = [
+        "--data.init_args.train_urls", str(shards / "train"),
+        "--data.init_args.val_urls", str(shards / "val"),
+        "--data.init_args.num_workers", "0",
+    ]  # fmt: skip
+    if not config.startswith("clip/"):
+        args += ["--data.init_args.tokenizer", str(shards / "tokenizer")]
+    return args
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("config", CONFIGS_VL)
+def test_config_trains_two_steps(config, precision, demo_shards):
+    cli = cli_from_config(
+        config,
+        *data_overrides(config, demo_shards),
+        "--trainer.precision", precision,
+        "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0",
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in cli.model.named_parameters()}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 2
+    metrics = cli.trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/loss"]))
+    changed = [n for n, p in cli.model.named_parameters() if not p.detach().equal(before[n])]
+    assert len(changed) > 0.9 * len(before), "most parameters should have been updated"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS_VL)
+def test_config_trains_under_two_process_ddp(config, demo_shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "multimodal", "fit", "--config", str(CONFIGS / config),
+        *data_overrides(config, demo_shards),
+        "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "max_steps=2" in output
+    assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
