@@ -1,0 +1,36 @@
+"""The captioning and VQA configs learn the demo digits: captions written greedily match a
+reference caption of the image, and questions are answered from the image, on validation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.helpers import cli_from_config
+from tests.tasks.test_vision_language_training import data_overrides
+
+
+def fit_config(config: str, shards) -> tuple[dict[str, float], float]:
+    cli = cli_from_config(config, *data_overrides(config, shards))
+    cli.datamodule.num_workers = 2  # as in the config: decoding in parallel with training
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    return metrics, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_captioning_config_writes_the_digit_captions(demo_shards):
+    # 15 epochs: 95.6% exact match in 83 s on 2 cores
+    metrics, seconds = fit_config("caption/digits.yaml", demo_shards)
+    assert metrics["val/exact_match"] >= 0.90, metrics
+    assert seconds < 240
+
+
+@pytest.mark.slow
+def test_vqa_config_answers_the_digit_questions(demo_shards):
+    # 30 epochs: 91.7% VQA accuracy in 212 s on 2 cores (the answer prior alone scores 40%)
+    metrics, seconds = fit_config("vqa/digits.yaml", demo_shards)
+    assert metrics["val/acc"] >= 0.85, metrics
+    assert seconds < 400
