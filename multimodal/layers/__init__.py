@@ -18,7 +18,7 @@ from multimodal.layers.position import (
     SinusoidalPositionEmbedding,
     apply_rotary,
 )
-from multimodal.layers.tower import TowerOutput
+from multimodal.layers.tower import TowerOutput, with_pooled_token
 from multimodal.layers.transformer import Transformer, TransformerOutput
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "SinusoidalPositionEmbedding",
     "Transformer",
     "TowerOutput",
+    "with_pooled_token",
     "TransformerBlock",
     "TransformerConfig",
     "TransformerOutput",

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from multimodal.layers import with_pooled_token
 from text.decoder import DecoderLM
 from text.generation import GenerationConfig, GenerationOutput, generate
 
@@ -23,7 +24,7 @@ class CaptionerOutput(NamedTuple):
 
 
 class Captioner(nn.Module):
-    """Image tower -> patch tokens -> `DecoderLM` with cross-attention -> caption logits.
+    """Image tower -> [pooled; patch tokens] -> `DecoderLM` with cross-attention -> logits.
 
     With `text_tower` (a `text.TextEncoder`) the model is CoCa-style: the image tower's pooled
     output and the text tower's are projected to `embed_dim` for a contrastive loss next to
@@ -88,11 +89,9 @@ class Captioner(nn.Module):
         return {"logit_scale"} if self.contrastive else set()
 
     def image_tokens(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> the tokens the decoder attends to (B, N, context_dim)."""
-        tokens = self.image_tower(images).tokens
-        if tokens is None:
-            raise ValueError("the image tower returns no tokens to attend to")
-        return tokens
+        """(B, C, H, W) -> what the decoder attends to: the pooled embedding and the patch
+        tokens (B, 1 + N, context_dim)."""
+        return with_pooled_token(self.image_tower(images))
 
     def encode_image(self, images: Tensor, *, normalize: bool = True) -> Tensor:
         """(B, C, H, W) -> (B, embed_dim), the contrastive image embedding."""
@@ -122,9 +121,8 @@ class Captioner(nn.Module):
         """images (B, C, H, W); input_ids (B, T) captions (BOS ... EOS, padded); attention_mask
         (B, T) True = real token. logits[:, t] predicts input_ids[:, t + 1]."""
         image = self.image_tower(images)
-        if image.tokens is None:
-            raise ValueError("the image tower returns no tokens to attend to")
-        out = self.decoder(input_ids, attention_mask=attention_mask, context=image.tokens)
+        context = with_pooled_token(image)  # (B, 1 + N, context_dim)
+        out = self.decoder(input_ids, attention_mask=attention_mask, context=context)
         if not self.contrastive:
             return CaptionerOutput(out.logits, out.aux_loss, None, None, None)
         image_features = F.normalize(self.image_projection(image.pooled), dim=-1)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion import SingleStreamEncoder
-from multimodal.layers import TransformerConfig
+from multimodal.layers import TransformerConfig, with_pooled_token
 from text.decoder import DecoderLM
 from text.generation import GenerationConfig, GenerationOutput, generate
 
@@ -81,9 +81,7 @@ class VQAModel(nn.Module):
         self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """-> (pooled (B, dim), fused tokens (B, T + N, dim), their mask (B, T + N))."""
-        image = self.image_tower(images).tokens
-        if image is None:
-            raise ValueError("the image tower returns no tokens to fuse")
+        image = with_pooled_token(self.image_tower(images))  # (B, 1 + N, image dim)
         text = self.text_tower(input_ids, attention_mask).tokens
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.bool, device=text.device)

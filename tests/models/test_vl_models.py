@@ -95,7 +95,7 @@ def test_vqa_model_answers_and_padding(pool):
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     out = model(images, ids, mask)
     assert out.logits.shape == (2, 5) and out.answer_logits is None
-    assert out.fused.shape == (2, 6 + 16, DIM) and out.fused_mask.shape == (2, 22)
+    assert out.fused.shape == (2, 6 + 1 + 16, DIM) and out.fused_mask.shape == (2, 23)
     # padded question tokens change nothing: row 0 again with other ids under the padding
     other = ids.clone()
     other[0, 4:] = 7

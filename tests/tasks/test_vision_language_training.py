@@ -35,7 +35,8 @@ def test_config_trains_two_steps(config, precision, demo_shards):
         config,
         *data_overrides(config, demo_shards),
         "--trainer.precision", precision,
-        "--trainer.max_steps", "2",
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1",
         "--trainer.num_sanity_val_steps", "0",
     )  # fmt: skip
