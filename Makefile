@@ -29,6 +29,8 @@ bench: install
 	$(PY) bench/vit.py
 	$(PY) bench/generation.py
 	$(PY) bench/loader.py
+	$(PY) bench/clip_step.py
+	$(PY) bench/retrieval.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
