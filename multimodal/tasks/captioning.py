@@ -107,13 +107,21 @@ class Captioning(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         losses = self.losses(batch)
         for name, value in losses.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss")
+            self.log(
+                f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch["images"])
+            )
         return losses["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         losses = self.losses(batch)
         for name, value in losses.items():
-            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=True)
+            self.log(
+                f"val/{name}",
+                value,
+                prog_bar=name == "loss",
+                sync_dist=True,
+                batch_size=len(batch["images"]),
+            )
         if not self.val_generate:
             return
         captions = self.write_captions(batch["images"])
@@ -126,7 +134,9 @@ class Captioning(LightningModule):
             for c, refs in zip(captions, references, strict=True)
         ]
         self.val_exact_match.update(torch.tensor(matches, dtype=torch.float))
-        self.log("val/exact_match", self.val_exact_match, prog_bar=True)
+        self.log(
+            "val/exact_match", self.val_exact_match, prog_bar=True, batch_size=len(batch["images"])
+        )
 
     def write_captions(self, images: Tensor) -> list[str]:
         """Captions of a batch of images, decoded to text with the datamodule's tokenizer."""

@@ -102,15 +102,21 @@ class ContrastivePretraining(LightningModule):
             target = torch.arange(len(similarity), device=similarity.device)
             accuracy = (similarity.argmax(dim=1) == target).float().mean()
         sync = stage != "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=sync)
-        self.log(f"{stage}/acc", accuracy, prog_bar=True, sync_dist=sync)
+        self.log(
+            f"{stage}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=len(batch["images"])
+        )
+        self.log(
+            f"{stage}/acc", accuracy, prog_bar=True, sync_dist=sync, batch_size=len(batch["images"])
+        )
         if self.itm_head is not None:
             matching, matching_acc = self.matching_loss(out, batch["attention_mask"])
-            self.log(f"{stage}/itm_loss", matching, sync_dist=sync)
-            self.log(f"{stage}/itm_acc", matching_acc, sync_dist=sync)
+            self.log(f"{stage}/itm_loss", matching, sync_dist=sync, batch_size=len(batch["images"]))
+            self.log(
+                f"{stage}/itm_acc", matching_acc, sync_dist=sync, batch_size=len(batch["images"])
+            )
             loss = loss + self.itm_weight * matching
         if stage == "train":
-            self.log("train/logit_scale", out.logit_scale)
+            self.log("train/logit_scale", out.logit_scale, batch_size=len(batch["images"]))
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

@@ -79,21 +79,28 @@ class VisualQuestionAnswering(LightningModule):
         scores = batch["answer_scores"]
         loss = vqa_loss(out.logits.float(), scores)
         sync = stage != "train"
-        self.log(f"{stage}/answer_loss", loss, sync_dist=sync)
+        self.log(f"{stage}/answer_loss", loss, sync_dist=sync, batch_size=len(batch["images"]))
         if out.answer_logits is not None:
             decoder_loss = caption_loss(
                 out.answer_logits.float(),
                 next_token_labels(answer_ids, answer_mask),
                 ignore_index=IGNORE,
             )
-            self.log(f"{stage}/decoder_loss", decoder_loss, sync_dist=sync)
+            self.log(
+                f"{stage}/decoder_loss",
+                decoder_loss,
+                sync_dist=sync,
+                batch_size=len(batch["images"]),
+            )
             loss = loss + self.answer_loss_weight * decoder_loss
         # VQA accuracy: the soft score of the predicted answer, min(#annotators / 3, 1)
         predicted = out.logits.argmax(dim=-1)
         accuracy = self.train_acc if stage == "train" else self.val_acc
         accuracy.update(scores.gather(1, predicted[:, None]).squeeze(1))
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=sync)
-        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+        self.log(
+            f"{stage}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=len(batch["images"])
+        )
+        self.log(f"{stage}/acc", accuracy, prog_bar=True, batch_size=len(batch["images"]))
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
