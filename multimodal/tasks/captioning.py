@@ -1,6 +1,7 @@
 """Captioning: teacher-forced cross-entropy of the caption given the image (with CoCa's
 contrastive loss when the model has a contrastive head); validation writes captions greedily
-and scores them against every reference caption of the image."""
+and scores them against every reference caption of the image: exact match, corpus BLEU-4,
+ROUGE-L and CIDEr-D."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from multimodal.eval.caption_metrics import caption_metrics
 from multimodal.models.captioner import Captioner
 from multimodal.models.losses import caption_loss, clip_loss
 from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
@@ -78,6 +80,7 @@ class Captioning(LightningModule):
         )
         self.val_generate = val_generate
         self.val_exact_match = MeanMetric()
+        self._val_captions: list[tuple[str, list[str]]] = []
 
     def setup(self, stage: str) -> None:
         check_vocabulary(self, self.model.decoder.config.vocab_size)
@@ -134,9 +137,28 @@ class Captioning(LightningModule):
             for c, refs in zip(captions, references, strict=True)
         ]
         self.val_exact_match.update(torch.tensor(matches, dtype=torch.float))
+        self._val_captions += list(zip(captions, references, strict=True))
         self.log(
             "val/exact_match", self.val_exact_match, prog_bar=True, batch_size=len(batch["images"])
         )
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_captions = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Corpus BLEU-4, ROUGE-L and CIDEr-D of the epoch's captions (all ranks' captions:
+        corpus metrics are not means of per-rank values)."""
+        pairs = self._val_captions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, pairs)  # our own ranks' strings
+            pairs = [pair for part in gathered for pair in part]
+        if not pairs or self.trainer.sanity_checking:
+            return
+        candidates, references = zip(*pairs, strict=True)
+        metrics = caption_metrics(list(candidates), [list(r) for r in references])
+        for name in ("bleu_4", "rouge_l", "cider_d"):
+            self.log(f"val/{name}", metrics[name])  # equal on every rank
 
     def write_captions(self, images: Tensor) -> list[str]:
         """Captions of a batch of images, decoded to text with the datamodule's tokenizer."""

@@ -51,7 +51,6 @@ class VisualQuestionAnswering(LightningModule):
         self.model = model
         self.optim = optim or OptimConfig()
         self.answer_loss_weight = answer_loss_weight
-        self.train_acc = MeanMetric()
         self.val_acc = MeanMetric()
 
     def setup(self, stage: str) -> None:
@@ -95,8 +94,12 @@ class VisualQuestionAnswering(LightningModule):
             loss = loss + self.answer_loss_weight * decoder_loss
         # VQA accuracy: the soft score of the predicted answer, min(#annotators / 3, 1)
         predicted = out.logits.argmax(dim=-1)
-        accuracy = self.train_acc if stage == "train" else self.val_acc
-        accuracy.update(scores.gather(1, predicted[:, None]).squeeze(1))
+        batch_scores = scores.gather(1, predicted[:, None]).squeeze(1)  # (B,)
+        if stage == "train":  # this batch's accuracy
+            accuracy = batch_scores.mean()
+        else:  # over the whole validation set, every rank's items
+            accuracy = self.val_acc
+            accuracy.update(batch_scores)
         self.log(
             f"{stage}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=len(batch["images"])
         )

@@ -45,6 +45,8 @@ def test_config_trains_two_steps(config, precision, demo_shards):
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
     assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/loss"]))
+    if config.startswith("caption/"):
+        assert {"val/exact_match", "val/bleu_4", "val/rouge_l", "val/cider_d"} <= set(metrics)
     changed = [n for n, p in cli.model.named_parameters() if not p.detach().equal(before[n])]
     assert len(changed) > 0.9 * len(before), "most parameters should have been updated"
 
