@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output (runs/demo)")
-    parser.add_argument("--epochs", type=int, default=40, metavar="N", help="training epochs (40)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, metavar="N", help="training epochs (the config's)"
+    )
     parser.add_argument(
         "--num-workers", type=int, default=2, metavar="N", help="data loader workers (2)"
     )
@@ -91,10 +93,11 @@ def train(out: Path, data: Path, args: argparse.Namespace):
         "--data.init_args.train_urls", str(data / "train"),
         "--data.init_args.val_urls", str(data / "val"),
         "--data.init_args.num_workers", str(args.num_workers),
-        "--trainer.max_epochs", str(args.epochs),
         "--trainer.default_root_dir", str(out),
         "--trainer.enable_progress_bar", str(not args.no_progress).lower(),
     ]  # fmt: skip
+    if args.epochs is not None:
+        overrides += ["--trainer.max_epochs", str(args.epochs)]
     if args.limit_train_batches is not None:
         overrides += ["--trainer.limit_train_batches", str(args.limit_train_batches)]
     overrides += args.overrides
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or (overrides and not overrides[0].startswith(OVERRIDE_PREFIXES)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides[:1])}")
     args.overrides = overrides
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs={args.epochs} must be >= 1")
     progress = not args.no_progress
     out = Path(args.out)
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transform=datamodule.transform.eval(),
         mean=tuple(datamodule.transform.mean),
         std=tuple(datamodule.transform.std),
-        description=f"CLIP of {config_path().name}, {args.epochs} epochs",
+        description=f"CLIP of {config_path().name}, {cli.trainer.current_epoch} epochs",
         data_tokenizer=datamodule.tokenizer,
     )
     loaders = partial(eval_loader, str(data / "test"), loaded, num_workers=args.num_workers)
