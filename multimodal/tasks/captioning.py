@@ -48,8 +48,8 @@ class Captioning(LightningModule):
         label_smoothing: of the caption cross-entropy.
         contrastive_weight: weight of the CLIP loss of a CoCa-style model (CoCa: 1).
         aux_loss_weight: weight of the decoder's mixture-of-experts balance loss.
-        generation: how validation captions are written (default: greedy, as long as the
-            decoder's max_positions allows); None of `val_generate` turns it off.
+        generation: how validation captions are written (None: `Captioner.generate`'s
+            default, greedy up to the decoder's max_positions).
         val_generate: write and score captions in validation (exact match).
     """
 
@@ -75,9 +75,7 @@ class Captioning(LightningModule):
         self.label_smoothing = label_smoothing
         self.contrastive_weight = contrastive_weight
         self.aux_loss_weight = aux_loss_weight
-        self.generation = generation or GenerationConfig(
-            max_new_tokens=model.decoder.config.max_positions - 1
-        )
+        self.generation = generation
         self.val_generate = val_generate
         self.val_exact_match = MeanMetric()
         self._val_captions: list[tuple[str, list[str]]] = []
