@@ -32,6 +32,7 @@ from multimodal.layers import TransformerConfig
 from multimodal.models import CLIP
 from multimodal.models.losses import clip_loss
 from text import TextConfig, TextEncoder, load_tokenizer
+from text.text_encoder import OPEN_CLIP_BLOCK_RENAMES
 from vision import ViT, ViTConfig
 
 IMAGE = {"image_size": 224, "patch_size": 32, "width": 256, "layers": 6, "heads": 4}
@@ -95,15 +96,6 @@ def build_ours() -> CLIP:
     return CLIP(image, text, EMBED_DIM)
 
 
-BLOCK_RENAMES = {
-    "ln_1.": "norm1.",
-    "ln_2.": "norm2.",
-    "attn.in_proj_weight": "attn.qkv.weight",
-    "attn.in_proj_bias": "attn.qkv.bias",
-    "attn.out_proj.": "attn.proj.",
-    "mlp.c_fc.": "mlp.fc1.",
-    "mlp.c_proj.": "mlp.fc2.",
-}
 TOP_RENAMES = {
     "logit_scale": "logit_scale",
     "visual.class_embedding": "image_tower.cls_token",
@@ -133,7 +125,7 @@ def copy_open_clip_weights(theirs: nn.Module, ours: CLIP) -> None:
             continue
         old = next(o for o in sorted(TOP_RENAMES, key=len, reverse=True) if name.startswith(o))
         new = TOP_RENAMES[old] + name[len(old) :]
-        for before, after in BLOCK_RENAMES.items():
+        for before, after in OPEN_CLIP_BLOCK_RENAMES.items():
             new = new.replace(before, after)
         state[new] = tensor.reshape(target[new].shape)  # class token (D,) -> (1, 1, D)
     ours.load_state_dict(state, strict=True)

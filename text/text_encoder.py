@@ -61,6 +61,16 @@ class TextEncoder(nn.Module):
 
 
 _POOLS = {"argmax": "eot", "eos": "eot", "first": "cls"}
+# open_clip residual-block parameter prefixes -> ours (`TransformerBlock`)
+OPEN_CLIP_BLOCK_RENAMES = {
+    "ln_1.": "norm1.",
+    "ln_2.": "norm2.",
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.": "attn.proj.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
 
 
 def _from_open_clip(cls: type[TextEncoder], tower: nn.Module) -> TextEncoder:
@@ -117,19 +127,14 @@ def _from_open_clip(cls: type[TextEncoder], tower: nn.Module) -> TextEncoder:
     }
     if proj_weight is not None:
         state["projection.weight"] = proj_weight
-    renames = {
-        "ln_1.": "norm1.",
-        "ln_2.": "norm2.",
-        "attn.in_proj_weight": "attn.qkv.weight",
-        "attn.in_proj_bias": "attn.qkv.bias",
-        "attn.out_proj.": "attn.proj.",
-        "mlp.c_fc.": "mlp.fc1.",
-        "mlp.c_proj.": "mlp.fc2.",
-    }
     for i, block in enumerate(blocks):
         for name, tensor in block.state_dict().items():
             new = next(
-                (new + name[len(old) :] for old, new in renames.items() if name.startswith(old)),
+                (
+                    new + name[len(old) :]
+                    for old, new in OPEN_CLIP_BLOCK_RENAMES.items()
+                    if name.startswith(old)
+                ),
                 None,
             )
             if new is None:
