@@ -11,14 +11,12 @@ Peak memory is the rise of the process's resident set (VmHWM, reset through
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from fresh_process import peak_memory, run_in_fresh_process
 
 from multimodal.layers import attend, banded_attend
 
@@ -43,39 +41,23 @@ CASES = {
 }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(case: str, n: int, dtype: str, repeats: int) -> dict:
     """Run in a fresh process: peak memory of the first call, then the median time."""
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, dtype=DTYPES[dtype]) for _ in range(3))
     fn = CASES[case]
     with torch.no_grad():
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set to the current one
-        fn(q, k, v)
-        peak_mib = (_status_kib("VmHWM") - base) / 1024
+        with peak_memory() as peak:
+            fn(q, k, v)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn(q, k, v)
             times.append(time.perf_counter() - start)
-    return {"ms": 1000 * statistics.median(times), "mib": peak_mib}
+    return {"ms": 1000 * statistics.median(times), "mib": peak["mib"]}
 
 
 def run_case(case: str, n: int, dtype: str, repeats: int) -> dict:
-    code = (
-        "import json, sys; sys.path.insert(0, 'bench'); import attention; "
-        f"print(json.dumps(attention.measure({case!r}, {n}, {dtype!r}, {repeats})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process("attention", case, n, dtype, repeats)
 
 
 def main() -> None:

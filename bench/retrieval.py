@@ -20,16 +20,14 @@ exact; see multimodal.eval.retrieval on the tie tolerance).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from fresh_process import peak_memory, run_in_fresh_process
 
 from multimodal.eval.retrieval import auto_chunk_size, retrieval_metrics
 
@@ -87,14 +85,6 @@ def ours(images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor, bu
     return {"recall": recall, "phases": {}, "ranks": ranks, "tolerance": result.tie_tolerance}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(case: str, n: int, dim: int, repeats: int, budget: int) -> dict:
     """Run in a fresh process: peak extra memory and time of the first call, then repeats."""
     images, texts, text_image = make_features(n, dim)
@@ -105,27 +95,19 @@ def measure(case: str, n: int, dim: int, repeats: int, budget: int) -> dict:
         else (lambda: reference(images, texts, text_image))
     )
     with torch.no_grad():
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set to the current one
-        start = time.perf_counter()
-        out = fn()
-        times = [time.perf_counter() - start]
-        peak_mib = (_status_kib("VmHWM") - base) / 1024
+        with peak_memory() as peak:
+            start = time.perf_counter()
+            out = fn()
+            times = [time.perf_counter() - start]
         for _ in range(repeats - 1):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-    return {"s": statistics.median(times), "mib": peak_mib, **out}
+    return {"s": statistics.median(times), "mib": peak["mib"], **out}
 
 
 def run_case(case: str, n: int, dim: int, repeats: int, budget: int) -> dict:
-    code = (
-        "import json, sys; sys.path.insert(0, 'bench'); import retrieval; "
-        f"print(json.dumps(retrieval.measure({case!r}, {n}, {dim}, {repeats}, {budget})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process("retrieval", case, n, dim, repeats, budget)
 
 
 def main() -> None:
