@@ -8,15 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from multimodal.eval.caption_metrics import caption_metrics
 from multimodal.models.captioner import Captioner
 from multimodal.models.losses import caption_loss, clip_loss
+from multimodal.tasks.base import OptimizedTask
 from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
-from multimodal.tasks.optim import OptimConfig, build_optimizer
+from multimodal.tasks.optim import OptimConfig
 from text.generation import GenerationConfig
 
 Batch = dict[str, Any]
@@ -38,7 +38,7 @@ def normalize_caption(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-class Captioning(LightningModule):
+class Captioning(OptimizedTask):
     """Train a `Captioner` on image-caption batches (`images`, `input_ids` BOS ... EOS,
     `attention_mask`; validation also reads `references`, every caption of each image).
 
@@ -169,6 +169,3 @@ class Captioning(LightningModule):
         if tokenizer is None:
             raise ValueError("validation captions need a datamodule with a `tokenizer`")
         return [tokenizer.decode(cut_at(row, self.model.decoder.config.eos_id)) for row in ids]
-
-    def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)

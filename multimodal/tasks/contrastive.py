@@ -4,19 +4,19 @@ DDP: features are gathered across ranks with their gradients."""
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from multimodal.models.clip import CLIP, CLIPOutput
 from multimodal.models.itm import ITMHead, itm_pairs
 from multimodal.models.losses import clip_loss, itm_loss, siglip_loss
-from multimodal.tasks.optim import OptimConfig, build_optimizer
+from multimodal.tasks.base import StageStepTask
+from multimodal.tasks.optim import OptimConfig
 
 LOSSES = ("clip", "siglip")
 Batch = dict[str, Tensor]
 
 
-class ContrastivePretraining(LightningModule):
+class ContrastivePretraining(StageStepTask):
     """Train a `CLIP` on image-caption batches (`images`, `input_ids`, `attention_mask`).
 
     Args:
@@ -118,12 +118,3 @@ class ContrastivePretraining(LightningModule):
         if stage == "train":
             self.log("train/logit_scale", out.logit_scale, batch_size=len(batch["images"]))
         return loss
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)

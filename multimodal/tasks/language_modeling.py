@@ -15,7 +15,8 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from multimodal.tasks.optim import OptimConfig, build_optimizer
+from multimodal.tasks.base import OptimizedTask
+from multimodal.tasks.optim import OptimConfig
 from text import (
     DecoderLM,
     EncoderDecoderLM,
@@ -52,7 +53,7 @@ class TokenPredictions(NamedTuple):
     extra_loss: Tensor  # added to the token loss (MoE balance, next-sentence prediction)
 
 
-class TokenPredictionTask(LightningModule):
+class TokenPredictionTask(OptimizedTask):
     """Shared loop of the language-model tasks: cross-entropy over labelled tokens, token
     accuracy and perplexity (torchmetrics), AdamW with warmup + cosine. A subclass says how a
     batch becomes `TokenPredictions`."""
@@ -95,9 +96,6 @@ class TokenPredictionTask(LightningModule):
         self.log("val/loss", loss, sync_dist=True, prog_bar=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
         self.log("val/ppl", self.val_ppl)
-
-    def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)
 
 
 class CausalLM(TokenPredictionTask):
@@ -211,7 +209,7 @@ class MaskedLM(TokenPredictionTask):
         return TokenPredictions(self.mlm_head(out.hidden), batch["labels"], extra)
 
 
-class TextClassifier(LightningModule):
+class TextClassifier(OptimizedTask):
     """Sequence classification: an `EncoderLM`, pooling ("cls", "mean"), dropout, linear.
 
     Args:
@@ -269,6 +267,3 @@ class TextClassifier(LightningModule):
         self.val_acc(logits, batch["labels"])
         self.log("val/loss", F.cross_entropy(logits.float(), batch["labels"]), sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from multimodal.models.losses import caption_loss, vqa_loss
 from multimodal.models.vqa import VQAModel
+from multimodal.tasks.base import StageStepTask
 from multimodal.tasks.captioning import next_token_labels
 from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
-from multimodal.tasks.optim import OptimConfig, build_optimizer
+from multimodal.tasks.optim import OptimConfig
 
 Batch = dict[str, Any]
 
@@ -26,7 +26,7 @@ class HasAnswers(Protocol):
     num_answers: int
 
 
-class VisualQuestionAnswering(LightningModule):
+class VisualQuestionAnswering(StageStepTask):
     """Train a `VQAModel` on `VQADataModule` batches (`images`, `input_ids`,
     `attention_mask`, `answer_scores` (B, A) soft targets; with an answer decoder also
     `answer_input_ids` / `answer_attention_mask`).
@@ -105,12 +105,3 @@ class VisualQuestionAnswering(LightningModule):
         )
         self.log(f"{stage}/acc", accuracy, prog_bar=True, batch_size=len(batch["images"]))
         return loss
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)
