@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
@@ -31,3 +34,33 @@ def cli_from_config(config: str, *overrides: str) -> LightningCLI:
     )  # fmt: skip
     args = ["--config", str(CONFIGS / config), *quiet, *overrides]
     return LightningCLI(run=False, args=args, save_config_callback=None)
+
+
+def run(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m multimodal ARGS` in a subprocess, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "multimodal", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def fit_briefly(
+    config: str, root_dir: Path, *overrides: str, steps: int, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`multimodal fit` of configs/<config> for `steps` steps and one validation batch,
+    quietly, in `root_dir`; asserts it succeeds and stops where asked."""
+    result = run(
+        "fit", "--config", str(CONFIGS / config), *overrides,
+        "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root_dir),
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"max_steps={steps}" in result.stdout + result.stderr
+    return result

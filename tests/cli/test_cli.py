@@ -8,30 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, fit_briefly, run
+
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-
-
-def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "multimodal", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def fit_briefly(config: str, root_dir: Path, *overrides: str, steps: int) -> None:
-    """`multimodal fit` of configs/<config> for `steps` steps and one validation batch,
-    quietly, in `root_dir`; asserts it succeeds and stops where asked."""
-    result = run(
-        "fit", "--config", str(ROOT / "configs" / config), *overrides,
-        "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root_dir),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"max_steps={steps}" in result.stdout + result.stderr
 
 
 def test_help_lists_lightning_and_platform_commands():
