@@ -21,7 +21,13 @@ from torch import Tensor
 from multimodal.eval import class_names as names
 from multimodal.eval.evaluate import CAPTIONS
 from multimodal.eval.retrieval import retrieval_metrics
-from multimodal.eval.zeroshot import ZeroShotMetrics, zeroshot_classifier, zeroshot_logits
+from multimodal.eval.zeroshot import (
+    ZeroShotMetrics,
+    embed_images,
+    embed_texts,
+    zeroshot_classifier,
+    zeroshot_logits,
+)
 
 
 class ZeroShotRetrievalCallback(Callback):
@@ -143,8 +149,8 @@ class ZeroShotRetrievalCallback(Callback):
             return
         model = pl_module.model
         with trainer.precision_plugin.forward_context():
-            images = model.encode_image(batch["images"], normalize=True)
-        self._images.append(F.normalize(images.float(), dim=-1))
+            images = embed_images(model, batch["images"])
+        self._images.append(images)
         labels = batch.get("labels")
         if labels is None:
             labels = torch.full((len(images),), -1, dtype=torch.long)
@@ -171,8 +177,7 @@ class ZeroShotRetrievalCallback(Callback):
             input_ids, mask = batch["input_ids"], batch.get("attention_mask")
             owners = list(range(n))
         with trainer.precision_plugin.forward_context():
-            texts_features = pl_module.model.encode_text(input_ids, mask, normalize=True)
-        self._texts.append(F.normalize(texts_features.float(), dim=-1))
+            self._texts.append(embed_texts(pl_module.model, input_ids, mask))
         self._owners.append(torch.tensor(owners, device=device) + self._n_images)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

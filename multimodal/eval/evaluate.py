@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -37,7 +36,14 @@ from multimodal.eval.report import (
     table_section,
 )
 from multimodal.eval.retrieval import RetrievalResult, retrieval_metrics, topk_retrieval
-from multimodal.eval.zeroshot import PRECISIONS, ZeroShotResult, eval_mode, zeroshot_evaluate
+from multimodal.eval.zeroshot import (
+    PRECISIONS,
+    ZeroShotResult,
+    embed_images,
+    embed_texts,
+    eval_mode,
+    zeroshot_evaluate,
+)
 
 CAPTIONS = ("all", "txt")
 RECALL_KS = (1, 5, 10)
@@ -246,8 +252,7 @@ def embed_images_and_captions(
     with eval_mode(model):
         for batch in tqdm(loader, total=total, disable=not progress, desc="images", unit="batch"):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                features = model.encode_image(batch["images"].to(device), normalize=True)
-            image_chunks.append(F.normalize(features.float(), dim=-1))
+                image_chunks.append(embed_images(model, batch["images"].to(device)))
             for key, references in zip(batch["keys"], batch["references"], strict=True):
                 chosen = references if captions == "all" else references[:1]
                 texts.extend(chosen)
@@ -262,10 +267,11 @@ def embed_images_and_captions(
                 texts[start : start + batch_size], max_length=loaded.context_length
             )
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                features = model.encode_text(
-                    tokens.input_ids.to(device), tokens.attention_mask.to(device), normalize=True
+                text_chunks.append(
+                    embed_texts(
+                        model, tokens.input_ids.to(device), tokens.attention_mask.to(device)
+                    )
                 )
-            text_chunks.append(F.normalize(features.float(), dim=-1))
     text_image = torch.tensor(owners, dtype=torch.long, device=device)
     return torch.cat(image_chunks), torch.cat(text_chunks), text_image, keys, texts
 

@@ -34,6 +34,18 @@ class ZeroShotModel(Protocol):
     ) -> Tensor: ...
 
 
+def embed_images(model: ZeroShotModel, images: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, D) unit-norm fp32 image embeddings. Normalised here, once, after
+    the cast to fp32: under autocast the model's own normalisation would run in bf16/fp16."""
+    return F.normalize(model.encode_image(images, normalize=False).float(), dim=-1)
+
+
+def embed_texts(model: ZeroShotModel, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(B, T) token ids -> (B, D) unit-norm fp32 text embeddings (as `embed_images`)."""
+    features = model.encode_text(input_ids, attention_mask, normalize=False)
+    return F.normalize(features.float(), dim=-1)
+
+
 @contextlib.contextmanager
 def eval_mode(model: object) -> Iterator[None]:
     """Every submodule in eval mode inside, each one's own training flag restored after
@@ -96,12 +108,13 @@ def zeroshot_classifier(
             range(0, len(prompts), batch_size), disable=not progress, desc="classes", unit="batch"
         ):
             stop = start + batch_size
-            features = model.encode_text(
-                tokens.input_ids[start:stop].to(device),
-                tokens.attention_mask[start:stop].to(device),
-                normalize=True,
+            chunks.append(
+                embed_texts(
+                    model,
+                    tokens.input_ids[start:stop].to(device),
+                    tokens.attention_mask[start:stop].to(device),
+                )
             )  # (b, D)
-            chunks.append(F.normalize(features.float(), dim=-1))
     embeddings = torch.cat(chunks)  # (P, D)
     index = torch.tensor(owner, device=embeddings.device)  # (P,)
     sums = embeddings.new_zeros(len(class_prompts), embeddings.shape[1])  # (C, D)
@@ -289,8 +302,7 @@ def zeroshot_evaluate(
             _image_batches(batches), total=_length(batches), disable=not progress, desc="images"
         ):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                features = model.encode_image(images.to(device), normalize=True)  # (B, D)
-            features = F.normalize(features.float(), dim=-1)
+                features = embed_images(model, images.to(device))  # (B, D)
             metrics.update(zeroshot_logits(features, classifier), labels)
     return metrics.compute(class_names)
 
