@@ -105,8 +105,12 @@ class ContrastivePretraining(StageStepTask):
         self.log(
             f"{stage}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=len(batch["images"])
         )
-        self.log(
-            f"{stage}/acc", accuracy, prog_bar=True, sync_dist=sync, batch_size=len(batch["images"])
+        self.log(  # in-batch image->text accuracy, not zero-shot classification
+            f"{stage}/inbatch_acc",
+            accuracy,
+            prog_bar=True,
+            sync_dist=sync,
+            batch_size=len(batch["images"]),
         )
         if self.itm_head is not None:
             matching, matching_acc = self.matching_loss(out, batch["attention_mask"])
