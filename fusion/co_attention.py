@@ -65,7 +65,7 @@ class CoAttentionEncoder(nn.Module):
             raise ValueError(f"n_layers={n_layers} must be >= 0")
         c = replace(config, n_layers=n_layers, cross_attention=True, context_dim=None)
         self.config = c
-        rates = torch.linspace(0, c.drop_path, n_layers).tolist() if n_layers else []
+        rates = torch.linspace(0, c.drop_path, n_layers, device="cpu").tolist() if n_layers else []
         self.text_blocks = nn.ModuleList(TransformerBlock(c, rate) for rate in rates)
         self.image_blocks = nn.ModuleList(TransformerBlock(c, rate) for rate in rates)
         prenorm = c.norm_order == "pre"

@@ -61,7 +61,9 @@ class Transformer(nn.Module):
             )
         self.input_norm = create_norm(c.norm, c.dim, c.norm_eps) if c.input_norm else nn.Identity()
         self.input_dropout = nn.Dropout(c.input_dropout)
-        rates = torch.linspace(0, c.drop_path, c.n_layers).tolist() if c.n_layers else []
+        rates = (
+            torch.linspace(0, c.drop_path, c.n_layers, device="cpu").tolist() if c.n_layers else []
+        )
         self.blocks = nn.ModuleList(TransformerBlock(c, rate) for rate in rates)
         final_norm = c.norm_order == "pre" and c.final_norm
         self.norm = create_norm(c.norm, c.dim, c.norm_eps) if final_norm else nn.Identity()
