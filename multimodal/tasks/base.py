@@ -18,7 +18,12 @@ class OptimizedTask(LightningModule):
     optim: OptimConfig
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, self.trainer.estimated_stepping_batches)
+        return build_optimizer(self, self.optim, self.optimizer_steps())
+
+    def optimizer_steps(self) -> float:
+        """The run's optimiser steps, the schedule's length (fewer than batches when a task
+        accumulates micro-batches)."""
+        return self.trainer.estimated_stepping_batches
 
 
 class StageStepTask(OptimizedTask):
