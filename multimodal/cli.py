@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in COMMANDS:
         sys.exit(COMMANDS[args[0]].run(args[1:]))
+    from multimodal.short_runs import with_short_run_overrides  # MULTIMODAL_MAX_STEPS
+
+    argv = with_short_run_overrides(argv)
     LightningCLI(
         args=argv,
         parser_kwargs={
