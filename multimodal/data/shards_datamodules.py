@@ -1,11 +1,14 @@
 """LightningDataModules over webdataset shards: image-text pairs, VQA and image classification.
 
-Every datamodule builds its loaders with `build_pipeline` (shard shuffle, split by node and
-worker, decode, transform + tokenize in the workers, batching inside the pipeline) and
-`ShardLoader`. Training shuffles and may resample; validation reads every shard once, in
-order, keeping partial batches. For DDP training set `epoch_length` (batches per rank per
-epoch) so that every rank takes the same number of steps; it also gives the loaders a
-length, which learning-rate schedules need.
+Every datamodule builds its loaders with `build_pipeline` (the epoch's samples planned over
+ranks x workers, decode, transform + tokenize in the workers, batching inside the pipeline)
+and `ShardLoader`. A training epoch is one pass over the training shards (every sample once
+over all ranks and workers; under DDP every rank steps the same number of full batches, at
+most one of them padded), reshuffled each epoch, unless `epoch_length` or `resampled` say
+otherwise; `sources` mixes several shard sets by weight. Validation reads every sample
+exactly once over all ranks, never padded. The training loader's position is saved in every
+Lightning checkpoint, so `--ckpt_path` resumes mid-epoch with exactly the batches that were
+next.
 
 Batches:
 
@@ -44,11 +47,10 @@ from multimodal.data.pipeline import (
     ShardLoader,
     ShardPipelineConfig,
     SkipSample,
+    Source,
     build_pipeline,
     decode_sample,
-    equal_batches_per_rank,
     expand_urls,
-    resolve_rank,
 )
 from multimodal.data.text import TokenizerMixin, pad_sequences
 from text.tokenizer import Tokenizer
@@ -333,7 +335,7 @@ class _ShardDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train_urls: str | list[str],
+        train_urls: str | list[str] | None,
         val_urls: str | list[str] | None,
         transform: ImageTransformConfig,
         batch_size: int,
@@ -345,9 +347,13 @@ class _ShardDataModule(LightningDataModule):
         resampled: bool,
         epoch_length: int | None,
         seed: int,
+        sources: list[Source] | None = None,
+        one_val_item_per_sample: bool = True,
     ) -> None:
         super().__init__()
-        if not train_urls:
+        if sources is not None and train_urls is not None:
+            raise ValueError("train_urls and sources are both set; give one of them")
+        if sources is None and not train_urls:
             raise ValueError(f"train_urls={train_urls!r} is empty; expected shard URLs")
         if val_urls is not None and not val_urls:
             raise ValueError(f"val_urls={val_urls!r} is empty; expected shard URLs or None")
@@ -360,28 +366,36 @@ class _ShardDataModule(LightningDataModule):
         self.configs: dict[str, ShardPipelineConfig] = {
             "train": ShardPipelineConfig(
                 urls=train_urls,
+                sources=sources,
                 batch_size=batch_size,
                 shuffle_shards=True,
                 shuffle_buffer=shuffle_buffer,
                 resampled=resampled,
                 epoch_length=epoch_length,
-                drop_last=True,
                 seed=seed,
+                training=True,
             )
         }
-        if val_urls is not None:  # every sample once, in order
+        if val_urls is not None:  # every sample once over all ranks, in order
             self.configs["val"] = ShardPipelineConfig(
                 urls=val_urls,
                 batch_size=val_batch_size or batch_size,
                 shuffle_shards=False,
                 shuffle_buffer=0,
-                drop_last=False,
                 seed=seed,
+                training=False,
+                one_item_per_sample=one_val_item_per_sample,
             )
+
+    @property
+    def train_shard_urls(self) -> list[str]:
+        """Every training shard (of every source)."""
+        return [u for source in self.configs["train"].source_list for u in expand_urls(source.urls)]
 
     def setup(self, stage: str | None = None) -> None:
         for config in self.configs.values():
-            expand_urls(config.urls)  # a missing shard fails here, not in a worker
+            for source in config.source_list:
+                expand_urls(source.urls)  # a missing shard fails here, not in a worker
 
     def map_sample(self, split: str) -> Callable[[dict[str, Any]], Any]:
         raise NotImplementedError
@@ -394,15 +408,17 @@ class _ShardDataModule(LightningDataModule):
 
     def loader(self, split: str) -> ShardLoader:
         """A loader over the split's shards (built now: rank and world size are read from
-        torch.distributed at this point)."""
-        _, world_size = resolve_rank(None, None)
-        config = equal_batches_per_rank(self.configs[split], world_size)
+        torch.distributed at this point). The training loader follows the Trainer's epoch and
+        knows how many batches its loop has taken, for an exact resume."""
+        config = self.configs[split]
         dataset = build_pipeline(config, self.map_sample(split), collate=self.collate())
+        trainer = getattr(self, "_trainer", None)
         return ShardLoader(
             dataset,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
+            progress=TrainerProgress(trainer) if split == "train" and trainer else None,
         )
 
     def train_dataloader(self) -> ShardLoader:
@@ -410,6 +426,20 @@ class _ShardDataModule(LightningDataModule):
 
     def val_dataloader(self) -> ShardLoader | list:
         return self.loader("val") if "val" in self.configs else []
+
+
+@dataclass
+class TrainerProgress:
+    """The training loop's epoch and the batches of it the loop has taken (Lightning fetches
+    one batch ahead, so the loader alone would count one too many)."""
+
+    trainer: Trainer
+
+    def epoch(self) -> int:
+        return self.trainer.current_epoch
+
+    def consumed(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
 class _TokenizedShardDataModule(TokenizerMixin, _ShardDataModule):
@@ -442,14 +472,18 @@ class ImageTextDataModule(_TokenizedShardDataModule):
         pin_memory: pin batches in page-locked memory (faster copies to a GPU).
         shuffle_buffer: raw samples each worker holds for shuffling (0 = off).
         resampled: draw training shards with replacement (needs epoch_length).
-        epoch_length: training batches per rank per epoch (equal on every rank); None = one
-            pass over the training shards.
-        seed: seed of the shard order and the shuffle buffer.
+        epoch_length: training batches per rank per epoch; None = one pass over the training
+            shards (every sample once over all ranks and workers).
+        seed: seed of the shard order, the shuffle buffer and the per-sample augmentations.
+        sources: instead of train_urls, several shard sets mixed by weight:
+            `[{urls: ..., weight: 0.7, name: web}, {urls: ..., weight: 0.3}]`; an epoch is
+            `epoch_length` batches per rank (default: one pass's worth of all their samples);
+            the per-source counts are logged by `SkippedSamplesLogger` (`data/source/NAME`).
     """
 
     def __init__(
         self,
-        train_urls: str | list[str],
+        train_urls: str | list[str] | None = None,
         val_urls: str | list[str] | None = None,
         tokenizer: str = "clip",
         context_length: int = 77,
@@ -464,6 +498,7 @@ class ImageTextDataModule(_TokenizedShardDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         seed: int = 0,
+        sources: list[Source] | None = None,
     ) -> None:
         super().__init__(
             tokenizer=tokenizer,
@@ -480,6 +515,7 @@ class ImageTextDataModule(_TokenizedShardDataModule):
             resampled=resampled,
             epoch_length=epoch_length,
             seed=seed,
+            sources=sources,
         )
         self.sample_captions = sample_captions
 
@@ -515,7 +551,7 @@ class VQADataModule(_TokenizedShardDataModule):
 
     def __init__(
         self,
-        train_urls: str | list[str],
+        train_urls: str | list[str] | None = None,
         val_urls: str | list[str] | None = None,
         tokenizer: str = "clip",
         context_length: int = 77,
@@ -532,6 +568,7 @@ class VQADataModule(_TokenizedShardDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         seed: int = 0,
+        sources: list[Source] | None = None,
     ) -> None:
         super().__init__(
             tokenizer=tokenizer,
@@ -548,6 +585,8 @@ class VQADataModule(_TokenizedShardDataModule):
             resampled=resampled,
             epoch_length=epoch_length,
             seed=seed,
+            sources=sources,
+            one_val_item_per_sample=False,  # one item per question
         )
         if answer_vocab is not None:
             normalized = [normalize_answer(a) for a in answer_vocab]
@@ -567,11 +606,11 @@ class VQADataModule(_TokenizedShardDataModule):
     def answer_vocab(self) -> list[str]:
         """The answers in id order (built from the training shards on first use)."""
         if self._answer_vocab is None:
-            vocab = build_answer_vocab(self.configs["train"].urls, self.max_answers)
+            vocab = build_answer_vocab(self.train_shard_urls, self.max_answers)
             if not vocab:
                 raise ValueError(
-                    f"train_urls={self.configs['train'].urls!r} hold no json 'vqa' answers to "
-                    "build answer_vocab from"
+                    f"the {len(self.train_shard_urls)} training shards hold no json 'vqa' "
+                    "answers to build answer_vocab from"
                 )
             log.info("answer vocabulary: %d answers from the training shards", len(vocab))
             self._answer_vocab = vocab
@@ -613,7 +652,7 @@ class ShardClassificationDataModule(_ShardDataModule):
 
     def __init__(
         self,
-        train_urls: str | list[str],
+        train_urls: str | list[str] | None = None,
         val_urls: str | list[str] | None = None,
         num_classes: int | None = None,
         transform: ImageTransformConfig | None = None,
@@ -626,6 +665,7 @@ class ShardClassificationDataModule(_ShardDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         seed: int = 0,
+        sources: list[Source] | None = None,
     ) -> None:
         super().__init__(
             train_urls=train_urls,
@@ -640,6 +680,7 @@ class ShardClassificationDataModule(_ShardDataModule):
             resampled=resampled,
             epoch_length=epoch_length,
             seed=seed,
+            sources=sources,
         )
         if num_classes is not None and num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be > 0 or None")
@@ -673,14 +714,18 @@ def _shard_loaders(loaders: Any) -> Iterable[ShardLoader]:
 class SkippedSamplesLogger(Callback):
     """At the end of each epoch, logs the samples the shard loaders skipped: `data/skipped`
     (training) and `data/val_skipped` (validation), summed over ranks, and warns with the
-    count by reason (this rank's)."""
+    count by reason (this rank's); with several training `sources`, also the items drawn
+    from each (`data/source/NAME`, summed over ranks)."""
 
     def _report(self, pl_module: LightningModule, loaders: Any, name: str, what: str) -> None:
         counts: Counter[str] = Counter()
+        sources: Counter[str] = Counter()
         found = False
         for loader in _shard_loaders(loaders):
             found = True
             counts.update(loader.skip_counter.take())
+            sources.update(loader.source_counts)
+            loader.source_counts.clear()
         if not found:
             return
         if counts:
@@ -693,6 +738,8 @@ class SkippedSamplesLogger(Callback):
                 reasons,
             )
         pl_module.log(name, float(sum(counts.values())), reduce_fx="sum", sync_dist=True)
+        for source, n in sorted(sources.items()):
+            pl_module.log(f"data/source/{source}", float(n), reduce_fx="sum", sync_dist=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._report(pl_module, trainer.train_dataloader, "data/skipped", "training data")

@@ -164,9 +164,9 @@ def test_config_validation_names_the_field(kwargs, field):
 # splitting, epoch length, resampling
 
 
-def test_every_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path):
+def test_evaluation_reads_every_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path):
     urls = write_shards(tmp_path, [5, 3, 7, 4, 6, 2, 5, 4])
-    config = ShardPipelineConfig(urls=urls, batch_size=3, shuffle_buffer=4, seed=1)
+    config = ShardPipelineConfig(urls=urls, batch_size=3, shuffle_buffer=4, seed=1, training=False)
     seen = []
     for rank in range(2):
         dataset = build_pipeline(config, key_only, rank=rank, world_size=2, collate=key_batch)
@@ -196,12 +196,16 @@ def test_shard_order_is_shared_by_ranks_reshuffled_per_epoch_and_reproducible(tm
     pipelines = [
         build_pipeline(config, key_only, rank=r, world_size=2, collate=key_batch) for r in (0, 1)
     ]
-    epochs = [[[k for b in p for k in b["keys"]] for p in pipelines] for _ in range(2)]
+    epochs = []
+    for epoch in range(2):
+        for p in pipelines:
+            p.set_epoch(epoch)
+        epochs.append([[k for b in p for k in b["keys"]] for p in pipelines])
     for ranks in epochs:  # the ranks split one order: together they hold every shard once
         assert sorted(ranks[0] + ranks[1]) == sorted(all_keys(urls))
     assert epochs[0] != epochs[1]
     pipelines[0].set_epoch(1)
-    assert [k for b in pipelines[0] for k in b["keys"]] == epochs[1][0]
+    assert [k for b in pipelines[0] for k in b["keys"]] == epochs[1][0]  # reproducible
 
 
 def test_resampled_yields_epoch_length_batches(tmp_path):
@@ -315,7 +319,7 @@ def test_image_text_datamodule_batches(tmp_path, clip_tokenizer):
     )
     dm.setup("fit")
     batches = list(dm.train_dataloader())
-    assert len(batches) == 3  # 14 samples, drop_last in training
+    assert [len(b["keys"]) for b in batches] == [4, 4, 4, 2]  # 14 samples: one pass
     batch = batches[0]
     assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.float32
     assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == torch.long
@@ -325,7 +329,7 @@ def test_image_text_datamodule_batches(tmp_path, clip_tokenizer):
     ids = batch["input_ids"][batch["attention_mask"]]
     assert ids[0] == clip_tokenizer.bos_id and (ids == clip_tokenizer.eos_id).sum() == 4
     by_key = {k: i for b in batches for i, k in enumerate(b["keys"])}
-    assert len(by_key) == 12
+    assert len(by_key) == 14
 
     val_batches = list(dm.val_dataloader())  # in order, partial batch kept
     assert [b["keys"] for b in val_batches] == [["val00_00000", "val00_00001", "val00_00002"]]
@@ -441,8 +445,8 @@ def test_datamodules_validate_their_arguments(tmp_path):
         ShardClassificationDataModule(os.path.join(tmp_path, "x-{0..3}.tar")).setup("fit")
 
 
-def test_ddp_epochs_are_sized_from_the_writer_manifest(tmp_path):
-    from multimodal.data.pipeline import equal_batches_per_rank, manifest_samples
+def test_ddp_epochs_are_sized_from_the_writer_manifest_or_the_tar_headers(tmp_path):
+    from multimodal.data.pipeline import manifest_samples
     from multimodal.data.shards import ShardWriter
 
     with ShardWriter(tmp_path, "train", max_samples=5) as writer:  # shards of 5,5,5,5,3
@@ -451,16 +455,27 @@ def test_ddp_epochs_are_sized_from_the_writer_manifest(tmp_path):
             writer.write({k: v for k, v in record.items() if k != "cls"})
     urls = [str(p) for p in writer.summary.shards]
     assert manifest_samples(urls) == 23
-    config = ShardPipelineConfig(urls=urls, batch_size=2, shuffle_buffer=0, drop_last=True)
-    assert equal_batches_per_rank(config, 1).epoch_length == 23 // 2  # a length for one rank
-    sized = equal_batches_per_rank(config, 2)
-    assert sized.epoch_length == 23 // (2 * 2)
-    counts = [
-        len(list(build_pipeline(sized, key_only, rank=r, world_size=2, collate=key_batch)))
-        for r in range(2)
-    ]
-    assert counts == [5, 5]  # rank 0 reads 13 samples, rank 1 reads 10: equal batches anyway
-    (tmp_path / "train.manifest.json").unlink()
-    assert equal_batches_per_rank(config, 1) is config  # unknown counts, one rank: one pass
-    with pytest.raises(ValueError, match="epoch_length"):
-        equal_batches_per_rank(config, 2)
+    config = ShardPipelineConfig(urls=urls, batch_size=2, shuffle_buffer=0)
+    for manifest in (True, False):
+        if not manifest:  # counted from the tar headers instead
+            (tmp_path / "train.manifest.json").unlink()
+            assert manifest_samples(urls) == 23
+        one = build_pipeline(config, key_only, rank=0, world_size=1, collate=key_batch)
+        assert len(one) == 12  # one rank: one pass, the last batch partial
+        ranks = [
+            build_pipeline(config, key_only, rank=r, world_size=2, collate=key_batch)
+            for r in (0, 1)
+        ]
+        batches = [[b["keys"] for b in ShardLoader(p)] for p in ranks]
+        # 12 + 11 samples: 6 full batches each, rank 1 padded with one sample of rank 0
+        assert [len(b) for b in batches] == [6, 6] == [len(p) for p in ranks]
+        assert all(len(keys) == 2 for rank in batches for keys in rank)
+        seen = Counter(k for rank in batches for keys in rank for k in keys)
+        assert sorted(seen) == sorted(all_keys(urls)) and sum(seen.values()) == 24
+    with pytest.raises(ValueError, match="epoch_length"):  # remote shards of unknown size
+        build_pipeline(
+            ShardPipelineConfig(urls=[f"pipe:cat {u}" for u in urls], batch_size=2),
+            key_only,
+            rank=0,
+            world_size=2,
+        )
