@@ -2,7 +2,7 @@
 
 from multimodal.models.captioner import Captioner, CaptionerOutput
 from multimodal.models.classifier import ImageClassificationModel
-from multimodal.models.clip import CLIP, CLIPOutput
+from multimodal.models.clip import CLIP, ClipLike, CLIPOutput
 from multimodal.models.itm import ITMHead, ITMPairs, itm_pairs
 from multimodal.models.open_clip import OpenCLIP
 from multimodal.models.vqa import VQAModel, VQAOutput
@@ -12,6 +12,7 @@ __all__ = [
     "CLIPOutput",
     "Captioner",
     "CaptionerOutput",
+    "ClipLike",
     "ITMHead",
     "ITMPairs",
     "ImageClassificationModel",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import NamedTuple
 
 import torch
@@ -20,7 +21,92 @@ class CLIPOutput(NamedTuple):
     text_tokens: Tensor | None = None  # (B, T, text dim) with return_tokens=True
 
 
-class CLIP(nn.Module):
+class ClipLike(nn.Module, ABC):
+    """What every CLIP-style model offers (our `CLIP`, `OpenCLIP`): the interface that
+    `ContrastivePretraining`, zero-shot / retrieval evaluation and the zero-shot callback use,
+    so any subclass trains and evaluates everywhere.
+
+    Attributes: `embed_dim` (width of the joint space) and `logit_bias` (SigLIP's learnable
+    bias, None for CLIP).
+    """
+
+    embed_dim: int
+    logit_bias: nn.Parameter | None
+
+    @abstractmethod
+    def encode_image(self, images: Tensor, *, normalize: bool = True) -> Tensor:
+        """(B, C, H, W) -> (B, embed_dim)."""
+
+    @abstractmethod
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, normalize: bool = True
+    ) -> Tensor:
+        """(B, T) token ids -> (B, embed_dim)."""
+
+    @abstractmethod
+    def scale(self) -> Tensor:
+        """The logit multiplier (0-d), clamped at the model's maximum."""
+
+    @abstractmethod
+    def forward(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        return_tokens: bool = False,
+    ) -> CLIPOutput:
+        """Normalised embeddings of both towers, the scale and the bias."""
+
+    @abstractmethod
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters trained without weight decay (temperature, bias)."""
+
+    @abstractmethod
+    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the image tower except its last `unlocked_layers` blocks (with what follows
+        them: final norm, pooling); the projection into the joint space still trains (LiT)."""
+
+    @abstractmethod
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower except its last `unlocked_layers` blocks (with what follows
+        them); the projection into the joint space still trains."""
+
+
+def lock_tower(tower: nn.Module, unlocked_layers: int = 0) -> None:
+    """Freeze `tower` except its last `unlocked_layers` blocks and every parameter registered
+    after them (final norm, pooling head): the tower's `blocks` sequence (ours and timm's
+    transformers) is found by name, its parameter order is the order of computation."""
+    if unlocked_layers < 0:
+        raise ValueError(f"unlocked_layers={unlocked_layers} must be >= 0")
+    tower.requires_grad_(False)
+    if unlocked_layers == 0:
+        return
+    stacks = [
+        module
+        for name, module in tower.named_modules()
+        if name.rsplit(".", 1)[-1] == "blocks" and isinstance(module, nn.ModuleList | nn.Sequential)
+    ]
+    if len(stacks) != 1:
+        raise ValueError(
+            f"unlocked_layers={unlocked_layers} needs a tower with one sequence of `blocks`; "
+            f"{type(tower).__name__} has {len(stacks)}"
+        )
+    blocks = stacks[0]
+    if unlocked_layers > len(blocks):
+        raise ValueError(
+            f"unlocked_layers={unlocked_layers} exceeds the {len(blocks)} blocks of "
+            f"{type(tower).__name__}"
+        )
+    first = next(blocks[len(blocks) - unlocked_layers].parameters())
+    unlocked = False
+    for parameter in tower.parameters():
+        unlocked = unlocked or parameter is first
+        if unlocked:
+            parameter.requires_grad_(True)
+
+
+class CLIP(ClipLike):
     """Joint image-text embedding model; receives tower instances, never builds them.
 
     Args:
@@ -66,13 +152,15 @@ class CLIP(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale", "logit_bias"}
 
-    def lock_image_tower(self) -> None:
-        """Freeze the image tower (LiT: locked-image tuning); its projection still trains."""
-        self.image_tower.requires_grad_(False)
+    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the image tower but its last `unlocked_layers` blocks (LiT: locked-image
+        tuning); its projection still trains."""
+        lock_tower(self.image_tower, unlocked_layers)
 
-    def lock_text_tower(self) -> None:
-        """Freeze the text tower; its projection still trains."""
-        self.text_tower.requires_grad_(False)
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower but its last `unlocked_layers` blocks; its projection still
+        trains."""
+        lock_tower(self.text_tower, unlocked_layers)
 
     def encode_image(self, images: Tensor, *, normalize: bool = True) -> Tensor:
         """(B, C, H, W) -> (B, embed_dim)."""

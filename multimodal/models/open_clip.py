@@ -1,7 +1,7 @@
-"""Any open_clip architecture behind the interface of our `CLIP`: the same encode methods,
-`CLIPOutput`, temperature and tower locking, plus open_clip's image transforms and a tokenizer
-with our `batch_encode`. Weights come from an open_clip pretrained tag (downloaded from the hub)
-or from a local checkpoint loaded strictly."""
+"""Any open_clip architecture behind the interface of our `CLIP` (`ClipLike`): the same
+encode methods, `CLIPOutput`, temperature and tower locking, plus open_clip's image transforms
+and a tokenizer with our `batch_encode`. Weights come from an open_clip pretrained tag
+(downloaded from the hub) or from a local checkpoint loaded strictly."""
 
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip import CustomTextCLIP
+from open_clip.hf_model import HFTextEncoder
+from open_clip.model import lock_text_tower
+from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
-from multimodal.models.clip import CLIPOutput
+from multimodal.models.clip import ClipLike, CLIPOutput
 from text.tokenizer import BatchEncoding, load_tokenizer
 
 SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip model names that carry their own config
@@ -56,7 +60,7 @@ class OpenClipTokenizer:
         return BatchEncoding(input_ids, input_ids != self.pad_id)
 
 
-class OpenCLIP(nn.Module):
+class OpenCLIP(ClipLike):
     """An open_clip model (`CLIP` or `CustomTextCLIP`) with the interface of our `CLIP`.
 
     Args:
@@ -116,13 +120,25 @@ class OpenCLIP(nn.Module):
         names = {"model.logit_scale"}
         return names | ({"model.logit_bias"} if self.logit_bias is not None else set())
 
-    def lock_image_tower(self) -> None:
-        """Freeze the image tower with open_clip's `lock` (its projection is part of it)."""
-        self.model.lock_image_tower()
+    def lock_image_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the image tower but its last `unlocked_layers` blocks, with open_clip's
+        `lock`; the projection into the joint space still trains, as in our `CLIP`."""
+        visual = self.model.visual
+        _check_unlocked(unlocked_layers, visual)
+        # open_clip's last lock group of its own towers is the projection (or the ResNet's
+        # attention pool); a timm trunk's head, the projection, is outside what `lock` freezes
+        projection_group = 0 if isinstance(visual, TimmModel) else 1
+        visual.lock(unlocked_groups=unlocked_layers + projection_group)
 
-    def lock_text_tower(self) -> None:
-        """Freeze the text tower with open_clip's `lock` (its projection is part of it)."""
-        self.model.lock_text_tower()
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower but its last `unlocked_layers` blocks, with open_clip's
+        `lock`; the projection into the joint space still trains."""
+        text = self.model.text if isinstance(self.model, CustomTextCLIP) else self.model
+        _check_unlocked(unlocked_layers, text)
+        if isinstance(text, HFTextEncoder):  # its projection is outside what `lock` freezes
+            text.lock(unlocked_layers)
+        else:  # open_clip's last text lock group is the projection
+            lock_text_tower(text, unlocked_layers + 1)
 
     def encode_image(self, images: Tensor, *, normalize: bool = True) -> Tensor:
         """(B, C, H, W) -> (B, embed_dim)."""
@@ -172,6 +188,22 @@ class OpenCLIP(nn.Module):
             self.encode_text(input_ids, attention_mask),
             self.scale(),
             self.logit_bias,
+        )
+
+
+def _check_unlocked(unlocked_layers: int, tower: nn.Module) -> None:
+    """ValueError unless 0 <= unlocked_layers <= the blocks of an open_clip tower (counted
+    where open_clip keeps them: `transformer.resblocks`, a timm trunk's `blocks`)."""
+    if unlocked_layers < 0:
+        raise ValueError(f"unlocked_layers={unlocked_layers} must be >= 0")
+    if unlocked_layers == 0:
+        return
+    blocks = getattr(getattr(tower, "transformer", None), "resblocks", None)
+    if blocks is None:
+        blocks = getattr(getattr(tower, "trunk", None), "blocks", None)
+    if blocks is not None and unlocked_layers > len(blocks):
+        raise ValueError(
+            f"unlocked_layers={unlocked_layers} exceeds the {len(blocks)} blocks of the tower"
         )
 
 

@@ -4,6 +4,7 @@ from multimodal.tasks.captioning import Captioning
 from multimodal.tasks.classification import ImageClassifier
 from multimodal.tasks.contrastive import ContrastivePretraining
 from multimodal.tasks.language_modeling import CausalLM, MaskedLM, Seq2SeqLM, TextClassifier
+from multimodal.tasks.loading import load_task
 from multimodal.tasks.optim import OptimConfig
 from multimodal.tasks.vqa import VisualQuestionAnswering
 
@@ -17,4 +18,5 @@ __all__ = [
     "Seq2SeqLM",
     "TextClassifier",
     "VisualQuestionAnswering",
+    "load_task",
 ]

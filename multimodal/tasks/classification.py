@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from timm.data import Mixup
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from multimodal.models.classifier import ImageClassificationModel
+from multimodal.tasks.base import Task
 from multimodal.tasks.optim import OptimConfig, build_optimizer
+from multimodal.train.prepare import BlockOptions
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(Task):
     """Cross-entropy with label smoothing, optional mixup/cutmix (timm), top-1/top-5 accuracy,
     AdamW (no decay on norms, biases, embeddings) with warmup + cosine.
 
@@ -26,7 +27,12 @@ class ImageClassifier(LightningModule):
             the batch size must be even.
         head_dropout: dropout before the head.
         optim: optimiser and schedule.
-        grad_checkpointing: recompute the tower's activations in backward (less memory).
+        grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
+            and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`;
+            a timm CNN tower checkpoints with timm's own switch).
+        init_from, init_strict, init_prefix_map: start from another run's weights
+            (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
+            unless strict, keys renamed by {old prefix: new prefix}.
     """
 
     def __init__(
@@ -40,14 +46,21 @@ class ImageClassifier(LightningModule):
         head_dropout: float = 0.0,
         optim: OptimConfig | None = None,
         grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
+        init_from: str | None = None,
+        init_strict: bool = False,
+        init_prefix_map: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         self.save_hyperparameters(ignore=["encoder"])
         self.model = ImageClassificationModel(encoder, num_classes, head_dropout)
-        if grad_checkpointing:
-            encoder.set_grad_checkpointing(True)
+        self.block_options = BlockOptions(
+            grad_checkpointing, compile, compile_backend, compile_mode
+        )
         self.optim = optim or OptimConfig()
         self.label_smoothing = label_smoothing
         self.mixup: Mixup | None = None
@@ -64,6 +77,7 @@ class ImageClassifier(LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.init_weights(init_from, init_strict, init_prefix_map)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)

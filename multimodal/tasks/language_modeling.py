@@ -17,6 +17,7 @@ from torchmetrics.text import Perplexity
 
 from multimodal.tasks.base import OptimizedTask
 from multimodal.tasks.optim import OptimConfig
+from multimodal.train.prepare import BlockOptions
 from text import (
     DecoderLM,
     EncoderDecoderLM,
@@ -106,6 +107,11 @@ class CausalLM(TokenPredictionTask):
         optim: optimiser and schedule.
         label_smoothing: of the token cross-entropy.
         aux_loss_weight: weight of the mixture-of-experts balance loss.
+        init_from, init_strict, init_prefix_map: start from another run's weights
+            (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
+            unless strict, keys renamed by {old prefix: new prefix}.
+        grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
+            and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
 
     def __init__(
@@ -115,11 +121,22 @@ class CausalLM(TokenPredictionTask):
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
         aux_loss_weight: float = 0.01,
+        init_from: str | None = None,
+        init_strict: bool = False,
+        init_prefix_map: dict[str, str] | None = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__(model.config.vocab_size, optim, label_smoothing)
         self.save_hyperparameters(ignore=["model"])
+        self.block_options = BlockOptions(
+            grad_checkpointing, compile, compile_backend, compile_mode
+        )
         self.model = model
         self.aux_loss_weight = aux_loss_weight
+        self.init_weights(init_from, init_strict, init_prefix_map)
 
     def predictions(self, batch: Batch) -> TokenPredictions:
         out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -129,7 +146,15 @@ class CausalLM(TokenPredictionTask):
 
 class Seq2SeqLM(TokenPredictionTask):
     """Teacher-forced sequence-to-sequence training of an `EncoderDecoderLM` (plain pairs or
-    span corruption: the datamodule decides)."""
+    span corruption: the datamodule decides).
+
+    Args:
+        init_from, init_strict, init_prefix_map: start from another run's weights
+            (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
+            unless strict, keys renamed by {old prefix: new prefix}.
+        grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
+            and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
+    """
 
     def __init__(
         self,
@@ -138,11 +163,22 @@ class Seq2SeqLM(TokenPredictionTask):
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
         aux_loss_weight: float = 0.01,
+        init_from: str | None = None,
+        init_strict: bool = False,
+        init_prefix_map: dict[str, str] | None = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__(model.config.vocab_size, optim, label_smoothing)
         self.save_hyperparameters(ignore=["model"])
+        self.block_options = BlockOptions(
+            grad_checkpointing, compile, compile_backend, compile_mode
+        )
         self.model = model
         self.aux_loss_weight = aux_loss_weight
+        self.init_weights(init_from, init_strict, init_prefix_map)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -172,6 +208,11 @@ class MaskedLM(TokenPredictionTask):
         encoder: the bidirectional encoder.
         next_sentence: add the next-sentence head and loss.
         optim: optimiser and schedule.
+        init_from, init_strict, init_prefix_map: start from another run's weights
+            (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
+            unless strict, keys renamed by {old prefix: new prefix}.
+        grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
+            and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
 
     def __init__(
@@ -181,14 +222,25 @@ class MaskedLM(TokenPredictionTask):
         next_sentence: bool = False,
         optim: OptimConfig | None = None,
         label_smoothing: float = 0.0,
+        init_from: str | None = None,
+        init_strict: bool = False,
+        init_prefix_map: dict[str, str] | None = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__(encoder.config.vocab_size, optim, label_smoothing)
         self.save_hyperparameters(ignore=["encoder"])
+        self.block_options = BlockOptions(
+            grad_checkpointing, compile, compile_backend, compile_mode
+        )
         self.encoder = encoder
         tied = encoder.embed.token.weight if encoder.config.tie_embeddings else None
         self.mlm_head = MaskedLMHead(encoder.config.dim, encoder.config.vocab_size, tied)
         self.nsp_head = NextSentenceHead(encoder.config.dim) if next_sentence else None
         self.nsp_acc = MulticlassAccuracy(2, average="micro")
+        self.init_weights(init_from, init_strict, init_prefix_map)
 
     def predictions(self, batch: Batch) -> TokenPredictions:
         out = self.encoder(
@@ -219,6 +271,11 @@ class TextClassifier(OptimizedTask):
         dropout: before the classifier.
         freeze_encoder: train only the head (feature-based use of a pretrained encoder).
         optim: optimiser and schedule.
+        init_from, init_strict, init_prefix_map: start from another run's weights
+            (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
+            unless strict, keys renamed by {old prefix: new prefix}.
+        grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
+            and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
 
     def __init__(
@@ -231,11 +288,21 @@ class TextClassifier(OptimizedTask):
         freeze_encoder: bool = False,
         label_smoothing: float = 0.0,
         optim: OptimConfig | None = None,
+        init_from: str | None = None,
+        init_strict: bool = False,
+        init_prefix_map: dict[str, str] | None = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must be >= 2")
         self.save_hyperparameters(ignore=["encoder"])
+        self.block_options = BlockOptions(
+            grad_checkpointing, compile, compile_backend, compile_mode
+        )
         self.encoder = encoder.requires_grad_(not freeze_encoder)
         self.head = SequenceClassificationHead(
             encoder.out_dim, num_classes, pooling=pooling, dropout=dropout
@@ -244,6 +311,7 @@ class TextClassifier(OptimizedTask):
         self.optim = optim or OptimConfig()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.init_weights(init_from, init_strict, init_prefix_map)
 
     def setup(self, stage: str) -> None:
         check_vocabulary(self, self.encoder.config.vocab_size)

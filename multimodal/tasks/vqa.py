@@ -15,6 +15,7 @@ from multimodal.tasks.base import StageStepTask
 from multimodal.tasks.captioning import next_token_labels
 from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
 from multimodal.tasks.optim import OptimConfig
+from multimodal.train.prepare import BlockOptions
 
 Batch = dict[str, Any]
 
@@ -35,6 +36,11 @@ class VisualQuestionAnswering(StageStepTask):
         model: the VQA model; its `num_answers` must equal the datamodule's.
         optim: optimiser and schedule.
         answer_loss_weight: weight of the answer decoder's token cross-entropy.
+        init_from, init_strict, init_prefix_map: start from another run's weights
+            (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
+            unless strict, keys renamed by {old prefix: new prefix}.
+        grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
+            and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
 
     def __init__(
@@ -43,15 +49,26 @@ class VisualQuestionAnswering(StageStepTask):
         *,
         optim: OptimConfig | None = None,
         answer_loss_weight: float = 1.0,
+        init_from: str | None = None,
+        init_strict: bool = False,
+        init_prefix_map: dict[str, str] | None = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if answer_loss_weight < 0:
             raise ValueError(f"answer_loss_weight={answer_loss_weight} must be >= 0")
         self.save_hyperparameters(ignore=["model"])
+        self.block_options = BlockOptions(
+            grad_checkpointing, compile, compile_backend, compile_mode
+        )
         self.model = model
         self.optim = optim or OptimConfig()
         self.answer_loss_weight = answer_loss_weight
         self.val_acc = MeanMetric()
+        self.init_weights(init_from, init_strict, init_prefix_map)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None

@@ -164,7 +164,8 @@ def test_scale_is_clamped_at_100_and_forward_returns_clip_output(tiny_name):
     with pytest.raises(ValueError, match="no token features"):
         model(images(), ids.input_ids, return_tokens=True)
     model.lock_image_tower()
-    assert not any(p.requires_grad for p in model.model.visual.parameters())
+    frozen = {n for n, p in model.model.visual.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.model.visual.named_parameters()} - {"proj"}
     assert model.model.token_embedding.weight.requires_grad
 
 
