@@ -17,6 +17,7 @@ from multimodal.models.losses import caption_loss, clip_loss
 from multimodal.tasks.base import OptimizedTask
 from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
 from multimodal.tasks.optim import OptimConfig
+from multimodal.train.prepare import BlockOptions
 from text.generation import GenerationConfig
 
 Batch = dict[str, Any]
@@ -51,6 +52,8 @@ class Captioning(OptimizedTask):
         generation: how validation captions are written (None: `Captioner.generate`'s
             default, greedy up to the decoder's max_positions).
         val_generate: write and score captions in validation (exact match).
+        grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
+            and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
 
     def __init__(
@@ -63,6 +66,10 @@ class Captioning(OptimizedTask):
         aux_loss_weight: float = 0.01,
         generation: GenerationConfig | None = None,
         val_generate: bool = True,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= label_smoothing < 1:
@@ -70,6 +77,9 @@ class Captioning(OptimizedTask):
         if contrastive_weight < 0:
             raise ValueError(f"contrastive_weight={contrastive_weight} must be >= 0")
         self.save_hyperparameters(ignore=["model"])
+        self.block_options = BlockOptions(
+            grad_checkpointing, compile, compile_backend, compile_mode
+        )
         self.model = model
         self.optim = optim or OptimConfig()
         self.label_smoothing = label_smoothing

@@ -11,6 +11,7 @@ from multimodal.models.itm import ITMHead, itm_pairs
 from multimodal.models.losses import clip_loss, itm_loss, siglip_loss
 from multimodal.tasks.base import StageStepTask
 from multimodal.tasks.optim import OptimConfig
+from multimodal.train.prepare import BlockOptions
 
 LOSSES = ("clip", "siglip")
 Batch = dict[str, Tensor]
@@ -30,6 +31,8 @@ class ContrastivePretraining(StageStepTask):
             every pair, plus a hard negative text per image and a hard negative image per
             text drawn from this rank's similarities; needs a model returning token features.
         itm_weight: weight of the ITM loss.
+        grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
+            and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
 
     def __init__(
@@ -42,6 +45,10 @@ class ContrastivePretraining(StageStepTask):
         optim: OptimConfig | None = None,
         itm_head: ITMHead | None = None,
         itm_weight: float = 1.0,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -51,6 +58,9 @@ class ContrastivePretraining(StageStepTask):
         if itm_weight < 0:
             raise ValueError(f"itm_weight={itm_weight} must be >= 0")
         self.save_hyperparameters(ignore=["model", "itm_head"])
+        self.block_options = BlockOptions(
+            grad_checkpointing, compile, compile_backend, compile_mode
+        )
         self.model = model
         self.itm_head = itm_head
         self.itm_weight = itm_weight
