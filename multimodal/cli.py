@@ -9,13 +9,34 @@ dispatched before LightningCLI sees the arguments.
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
+import warnings
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
 
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from multimodal.checkpoint_check import check_lightning_checkpoint
+from multimodal.console import LineProgressBar, one_line, quiet_third_party, stdout_is_terminal
+from multimodal.runs import (
+    LAST,
+    RunFolder,
+    WallClock,
+    check_fresh_start,
+    check_run_name,
+    default_run_name,
+    resume_path,
+    summary_lines,
+)
 
 
 class HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -78,24 +99,189 @@ def _epilog() -> str:
     return "platform commands (run `multimodal COMMAND --help`):\n" + "\n".join(lines)
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+DEBUG_FLAG = "--debug"
+EXIT_BAD_INPUT = 2
+
+
+class PlatformParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are the message and a pointer to --help instead of
+    a usage dump of every option."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(
+            f"{prog}: error: {one_line(message)}\n(`{prog} --help` lists the options)\n"
+        )
+        sys.exit(EXIT_BAD_INPUT)
+
+
+class PlatformCLI(LightningCLI):
+    """LightningCLI with the platform's run folders (`multimodal.runs`): `--run-name`, one
+    folder a run, `--ckpt_path last` resuming it, checkpoint files checked before torch reads
+    them, single-line progress when stdout is not a terminal, a warning when CPU processes
+    outnumber the cores, and a summary at the end of `fit`.
+
+    Args:
+        started: receives the run folder as soon as it is known, so that the caller can remove
+            it when the start fails.
+        args, kwargs: LightningCLI's.
+    """
+
+    def __init__(self, *args: Any, started: list[RunFolder] | None = None, **kwargs: Any) -> None:
+        self.clock = WallClock()
+        self.started = started if started is not None else []
+        self.run_dir: Path | None = None
+        self.resume_from: str | None = None
+        kwargs.setdefault("parser_class", PlatformParser)
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run-name",
+            "--run_name",
+            default=None,
+            help="the run's folder under trainer.default_root_dir (default: the config's name); "
+            "the same name is the same folder: --ckpt_path last resumes it",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        # before LightningCLI reads --ckpt_path (torch.load): place the run, check the file
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            self._place_run(subcommand, config)
+            given = config.get("ckpt_path")
+            config.ckpt_path = self.resume_from
+            try:
+                super()._parse_ckpt_path()
+            finally:
+                config.ckpt_path = given
+
+    def _place_run(self, subcommand: str, config: Any) -> None:
+        trainer = config.get("trainer") or {}
+        model = config.get("model")
+        model_class = model.get("class_path") if hasattr(model, "get") else None
+        name = config.get("run_name") or default_run_name(config.get("config"), model_class)
+        root = Path(trainer.get("default_root_dir") or "runs")
+        self.run_dir = root / check_run_name(name)
+        self.started.append(RunFolder(self.run_dir))
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == LAST and subcommand == "fit":
+            found = resume_path(self.run_dir)
+            if found is None:
+                rank_zero_info(f"--ckpt_path last: {self.run_dir} has no checkpoint yet, starting")
+            self.resume_from = str(found) if found else None
+            return
+        if ckpt_path is None or ckpt_path in ("best", LAST, "hpc") or "://" in str(ckpt_path):
+            self.resume_from = ckpt_path
+            if subcommand == "fit" and ckpt_path is None:
+                check_fresh_start(self.run_dir)
+            return
+        check_lightning_checkpoint(ckpt_path)
+        self.resume_from = str(ckpt_path)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if self.run_dir is not None:
+            kwargs.setdefault("default_root_dir", str(self.run_dir))
+            if trainer_config.get("logger") in (None, True):
+                version = "" if self.subcommand in (None, "fit") else self.subcommand
+                kwargs["logger"] = CSVLogger(save_dir=str(self.run_dir), name="", version=version)
+        callbacks = list(trainer_config.get("callbacks") or [])
+        wants_bar = trainer_config.get("enable_progress_bar") in (None, True)
+        has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+        if wants_bar and not has_bar and not stdout_is_terminal():
+            kwargs["callbacks"] = [*callbacks, LineProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "ckpt_path" in kwargs:
+            kwargs["ckpt_path"] = self.resume_from
+        return kwargs
+
+    def before_fit(self) -> None:
+        warn_if_processes_exceed_cores(self.trainer)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print("\n".join(summary_lines(self.trainer, self.run_dir, self.clock.seconds())))
+
+
+def warn_if_processes_exceed_cores(trainer: Trainer) -> None:
+    """One warning (from the launching process) when more CPU processes than cores train."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if not isinstance(trainer.accelerator, CPUAccelerator) or not trainer.is_global_zero:
+        return
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # a process Lightning launched
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and trainer.num_devices > cores:
+        print(
+            f"warning: --trainer.devices {trainer.num_devices} starts {trainer.num_devices} "
+            f"processes on {cores} CPU cores: each gets less than a core, so the run is slower "
+            f"than with --trainer.devices {cores}",
+            file=sys.stderr,
+        )
+
+
+def _unknown_command(name: str) -> str:
+    known = [*LIGHTNING_COMMANDS, *COMMANDS]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f": did you mean `multimodal {close[0]}`?" if close else ""
+    return f"multimodal: error: unknown command {name!r}{hint} (commands: {', '.join(known)})"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the console script and of `python -m multimodal`."""
+    """Entry point of the console script and of `python -m multimodal`.
+
+    Errors in the user's input (a config value, a missing file, a bad checkpoint) end in one
+    line naming it and exit status 2; `--debug` shows the traceback instead.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
+    debug = DEBUG_FLAG in args
+    args = [a for a in args if a != DEBUG_FLAG]
+    quiet_third_party()
+    # the arguments below are sys.argv's less --debug (plus MULTIMODAL_MAX_STEPS's): both kept,
+    # since Lightning's DDP launcher restarts this command from sys.argv
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     if args and args[0] in COMMANDS:
         sys.exit(COMMANDS[args[0]].run(args[1:]))
+    if args and not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
+        print(_unknown_command(args[0]), file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     from multimodal.short_runs import with_short_run_overrides  # MULTIMODAL_MAX_STEPS
 
-    argv = with_short_run_overrides(argv)
-    LightningCLI(
-        args=argv,
-        parser_kwargs={
-            "prog": "multimodal",
-            "description": "Train and evaluate vision, text and vision-language transformers.",
-            "epilog": _epilog(),
-            "formatter_class": HelpFormatter,
-        },
-        save_config_kwargs={"overwrite": True},
-    )
+    started: list[RunFolder] = []
+    try:
+        PlatformCLI(
+            args=with_short_run_overrides(args),
+            parser_kwargs={
+                "prog": "multimodal",
+                "description": "Train and evaluate vision, text and vision-language transformers.",
+                "epilog": _epilog(),
+                "formatter_class": HelpFormatter,
+            },
+            save_config_kwargs={"overwrite": True},
+            started=started,
+        )
+    except (ValueError, OSError) as error:
+        for folder in started:
+            if rank_zero_only.rank == 0:
+                folder.remove_if_unused()
+        if debug:
+            raise
+        command = args[0] if args and args[0] in LIGHTNING_COMMANDS else ""
+        print(
+            f"multimodal {command}: error: {one_line(error)}  ({DEBUG_FLAG} shows the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,19 @@ def cli_from_config(config: str, *overrides: str) -> LightningCLI:
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     )  # fmt: skip
     args = ["--config", str(CONFIGS / config), *quiet, *overrides]
-    return LightningCLI(run=False, args=args, save_config_callback=None)
+    return _NoCheckpointsCLI(run=False, args=args, save_config_callback=None)
+
+
+class _NoCheckpointsCLI(LightningCLI):
+    """LightningCLI without the config's ModelCheckpoint callbacks when checkpointing is off
+    (Lightning refuses a ModelCheckpoint with `enable_checkpointing=False`)."""
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("enable_checkpointing") is False:
+            callbacks = trainer.get("callbacks") or []
+            kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super().instantiate_trainer(**kwargs)
 
 
 def run(

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
+import json
 import sys
+import tarfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 
+from multimodal.checkpoint_check import check_torch_file
 from multimodal.eval import class_names as names
 from multimodal.eval.evaluate import CAPTIONS, eval_loader, run_retrieval, run_zeroshot
 from multimodal.eval.loading import LoadedModel, load_model
@@ -139,6 +143,8 @@ def retrieval_parser() -> argparse.ArgumentParser:
 def _load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LoadedModel:
     if args.open_clip is None and args.checkpoint is None:
         parser.error("pass --checkpoint RUN.ckpt (with --config) or --open-clip NAME")
+    if args.open_clip is None:  # a text file or random bytes: say so before torch reads it
+        check_torch_file(args.checkpoint)
     return load_model(
         args.checkpoint,
         config=args.config,
@@ -166,9 +172,74 @@ def print_report(metrics: dict[str, Any], paths: dict[str, Path]) -> None:
     print(f"report: {paths['html']}")
 
 
+EXIT_BAD_INPUT = 2  # as argparse and `multimodal fit` for errors in the user's input
+
+
 def _fail(prog: str, error: Exception) -> int:
     print(f"{prog}: error: {error}", file=sys.stderr)
-    return 1
+    return EXIT_BAD_INPUT
+
+
+def _check_class_list(name: str) -> None:
+    """ValueError for a --classes that is neither a built-in list nor a .txt/.json file,
+    naming the nearest built-in."""
+    if name in names.BUILTINS or Path(name).suffix in (".txt", ".json"):
+        return
+    close = difflib.get_close_matches(name, names.BUILTINS, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"unknown class list --classes {name!r}{hint} (built-in: {', '.join(names.BUILTINS)}, "
+        "or a .txt / .json file)"
+    )
+
+
+SHARD_CLASS_SAMPLES = 512  # samples of the first shard whose class names are checked
+
+
+def shard_class_names(urls: str, limit: int = SHARD_CLASS_SAMPLES) -> dict[int, str]:
+    """label -> class name of the samples whose json carries both (`label`, `class_name`),
+    read from the first local shard (at most `limit` samples); {} for remote shards."""
+    from multimodal.data.pipeline import expand_urls
+
+    shards = expand_urls(urls)
+    if not shards or "://" in shards[0] or shards[0].startswith("pipe:"):
+        return {}
+    found: dict[int, str] = {}
+    with tarfile.open(shards[0]) as tar:
+        for seen, member in enumerate(m for m in tar if m.name.endswith(".json")):
+            if seen >= limit:
+                break
+            file = tar.extractfile(member)
+            try:
+                meta = json.loads(file.read()) if file is not None else None
+            except ValueError:
+                continue  # the reader skips and counts broken samples
+            if not isinstance(meta, dict):
+                continue
+            label, name = meta.get("label"), meta.get("class_name")
+            if isinstance(label, int) and isinstance(name, str):
+                found.setdefault(label, name)
+    return found
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+def check_classes_match_shards(classes: Sequence[str], given: str, urls: str) -> None:
+    """ValueError when the shards name their classes and the class list disagrees: a label
+    beyond the list, or another name at a label (e.g. --classes cifar10 on the digits)."""
+    for label, name in sorted(shard_class_names(urls).items()):
+        if label >= len(classes):
+            raise ValueError(
+                f"--classes {given} has {len(classes)} classes but the shards {urls} have "
+                f"label {label} ({name!r})"
+            )
+        if _normalise(classes[label]) != _normalise(name):
+            raise ValueError(
+                f"--classes {given} does not match the shards {urls}: label {label} is "
+                f"{classes[label]!r} in the list but {name!r} in the shards"
+            )
 
 
 def zeroshot_main(argv: Sequence[str]) -> int:
@@ -177,6 +248,7 @@ def zeroshot_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     _positive(parser, args, "batch_size")
     try:
+        _check_class_list(args.classes)
         if args.templates is None and not (
             args.classes in names.BUILTIN_TEMPLATES or args.classes.endswith(".json")
         ):
@@ -184,6 +256,7 @@ def zeroshot_main(argv: Sequence[str]) -> int:
         templates_name = args.templates or args.classes
         classes = names.class_names(args.classes)
         templates = names.templates(templates_name)
+        check_classes_match_shards(classes, args.classes, args.data)
         loaded = _load(parser, args)
         loaders = partial(
             eval_loader, args.data, loaded, batch_size=args.batch_size, num_workers=args.num_workers

@@ -186,16 +186,16 @@ def test_python_built_checkpoint_loads_through_the_config_allowlist(run, tmp_pat
 def test_errors_name_the_file(run, tmp_path, capsys):
     missing = tmp_path / "missing.ckpt"
     base = ["--classes", "digits", *common(run, tmp_path / "x")]
-    assert zeroshot_main(["--checkpoint", str(missing), *base]) == 1
+    assert zeroshot_main(["--checkpoint", str(missing), *base]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
 
     lonely = tmp_path / "lonely.ckpt"  # a checkpoint away from its run folder
     lonely.write_bytes(run["checkpoint"].read_bytes())
-    assert zeroshot_main(["--checkpoint", str(lonely), *base]) == 1
+    assert zeroshot_main(["--checkpoint", str(lonely), *base]) == 2
     assert "pass --config" in capsys.readouterr().err
 
     full_size = str(CONFIGS / "clip/digits.yaml")  # 128-wide towers: not the tiny run's
-    assert zeroshot_main(["--checkpoint", str(lonely), "--config", full_size, *base]) == 1
+    assert zeroshot_main(["--checkpoint", str(lonely), "--config", full_size, *base]) == 2
     err = capsys.readouterr().err
     assert "lonely.ckpt" in err and "does not fit" in err
 
