@@ -50,6 +50,9 @@ class TimmEncoder(nn.Module):
         drop_path: stochastic depth rate, for models that have it.
     """
 
+    # only initial weights: a model rebuilt to receive a trained checkpoint drops them
+    weight_arguments = ("pretrained", "pretrained_path")
+
     def __init__(
         self,
         model_name: str,

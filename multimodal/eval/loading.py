@@ -1,30 +1,30 @@
 """Loading a model to evaluate: a `multimodal fit` checkpoint rebuilt from its run's config, or
 an open_clip architecture with local or pretrained weights.
 
-Lightning checkpoints are read with `torch.load(weights_only=True)`, never unpickling
-arbitrary objects. Those written by `multimodal fit` hold only plain values (LightningCLI
-saves the hyper-parameters as dicts), so they load as they are; a checkpoint of a task built in
-Python keeps config dataclasses (`OptimConfig`) in its hyper-parameters, which are allowed
-through `torch.serialization.safe_globals` for the platform's own config classes only
-(`CONFIG_CLASSES`). Only the `state_dict` of the checkpoint is used.
+Lightning checkpoints are rebuilt by `multimodal.tasks.load_task` and read weights-only
+(`multimodal.train.checkpoint_file`); the config also gives the datamodule, whose tokenizer and
+image transform the evaluation uses.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
+from multimodal.tasks.loading import (
+    RUN_CONFIG,
+    find_run_config,
+    instantiate_section,
+    load_task,
+    read_config_file,
+)
 from text.tokenizer import Tokenizer, load_tokenizer
-
-RUN_CONFIG = "config.yaml"  # what LightningCLI saves in the run's log folder
 
 
 @dataclass
@@ -52,91 +52,21 @@ class LoadedModel:
     data_tokenizer: Tokenizer
 
 
-def config_classes() -> tuple[type, ...]:
-    """The platform's config dataclasses a task may keep in its hyper-parameters: the only
-    classes (beyond tensors and plain containers) a checkpoint may hold."""
-    from multimodal.layers.config import TransformerConfig
-    from multimodal.tasks.optim import OptimConfig
-    from text.config import TextConfig
-    from text.generation import GenerationConfig
-    from vision.transforms import ImageTransformConfig
-    from vision.vit import ViTConfig
-
-    return (
-        OptimConfig,
-        TransformerConfig,
-        TextConfig,
-        GenerationConfig,
-        ImageTransformConfig,
-        ViTConfig,
-    )
-
-
-def read_lightning_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The `state_dict` of a Lightning checkpoint, read with `weights_only=True` (plus the
-    platform's config dataclasses, see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with torch.serialization.safe_globals(list(config_classes())):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"checkpoint {str(path)!r} holds objects that are not weights nor the platform's "
-            f"config classes; it is not loaded (weights_only=True). torch says: "
-            f"{str(error).splitlines()[-1]}"
-        ) from None
-    except (RuntimeError, EOFError) as error:
-        raise ValueError(
-            f"checkpoint {str(path)!r} is not a readable torch file: {error}"
-        ) from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"checkpoint {str(path)!r} has no 'state_dict' of tensors: expected a Lightning "
-            "checkpoint written by `multimodal fit`"
-        )
-    return state
-
-
-def find_run_config(checkpoint: str | os.PathLike) -> Path | None:
-    """The config.yaml LightningCLI saved for the run of `checkpoint`
-    (`<run>/checkpoints/x.ckpt` -> `<run>/config.yaml`), or None."""
-    path = Path(checkpoint).resolve()
-    for folder in (path.parent.parent, path.parent):
-        if (folder / RUN_CONFIG).is_file():
-            return folder / RUN_CONFIG
-    return None
-
-
-def instantiate_model_and_data(config: str | os.PathLike) -> tuple[nn.Module, Any]:
+def instantiate_model_and_data(
+    config: str | os.PathLike, checkpoint: str | os.PathLike | None = None
+) -> tuple[nn.Module, Any]:
     """The LightningModule and the LightningDataModule of a fit config (its `model` and `data`
-    sections, instantiated with jsonargparse as LightningCLI does; the rest is ignored)."""
-    from jsonargparse import ArgumentParser
+    sections, instantiated as LightningCLI does; the rest is ignored). With `checkpoint`, the
+    task is that checkpoint's, rebuilt from the config (`multimodal.tasks.load_task`)."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {str(path)!r} does not exist")
-    content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(content, dict):
-        raise ValueError(f"config {str(path)!r}: expected a YAML mapping with model and data")
-    for key in ("model", "data"):
-        if not isinstance(content.get(key), dict):
-            raise ValueError(
-                f"config {str(path)!r} has no {key!r} section with a class_path: expected a "
-                "`multimodal fit` config (or the config.yaml saved next to its logs)"
-            )
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningModule, "model", required=True)
-    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
-    try:
-        parsed = parser.parse_object({"model": content["model"], "data": content["data"]})
-    except Exception as error:  # jsonargparse's ArgumentError and the like
-        raise ValueError(f"config {str(path)!r}: {error}") from None
-    init = parser.instantiate(parsed)
-    return init.model, init.data
+    content = read_config_file(config, "model", "data")
+    where = f"config {str(config)!r}"
+    if checkpoint is None:
+        task = instantiate_section(content["model"], LightningModule, where)
+    else:
+        task = load_task(checkpoint, config)
+    return task, instantiate_section(content["data"], LightningDataModule, where)
 
 
 def _check_encoders(model: object, where: str) -> None:
@@ -161,7 +91,7 @@ def load_lightning(checkpoint: str | os.PathLike, config: str | os.PathLike | No
                 f"no config for checkpoint {str(checkpoint)!r}: pass --config (the fit config); "
                 f"looked for {RUN_CONFIG} in the run folder {Path(checkpoint).parent.parent}"
             )
-    task, data = instantiate_model_and_data(config)
+    task, data = instantiate_model_and_data(config, checkpoint)
     model = getattr(task, "model", None)
     _check_encoders(model, f"config {str(config)!r}")
     for attribute in ("tokenizer", "context_length", "transform"):
@@ -170,14 +100,6 @@ def load_lightning(checkpoint: str | os.PathLike, config: str | os.PathLike | No
                 f"config {str(config)!r}: the datamodule ({type(data).__name__}) has no "
                 f"{attribute}; expected an image-text datamodule such as ImageTextDataModule"
             )
-    state = read_lightning_state_dict(checkpoint)
-    problems = _mismatch(task.state_dict(), state)
-    if problems:
-        raise ValueError(
-            f"checkpoint {str(checkpoint)!r} does not fit the model of config {str(config)!r} "
-            f"(another run's config?): {problems}"
-        )
-    task.load_state_dict(state, strict=True)
     model.eval()
     return LoadedModel(
         model=model,
@@ -189,23 +111,6 @@ def load_lightning(checkpoint: str | os.PathLike, config: str | os.PathLike | No
         description=f"{type(model).__name__} from {checkpoint} (config {config})",
         data_tokenizer=data.tokenizer,
     )
-
-
-def _mismatch(expected: dict[str, Tensor], state: dict[str, Tensor], shown: int = 5) -> str:
-    """What keeps `state` from loading strictly into a module with `expected`; "" if nothing."""
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    shapes = sorted(
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)} in the model"
-        for key in expected.keys() & state.keys()
-        if state[key].shape != expected[key].shape
-    )
-    parts = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("shapes", shapes)):
-        if keys:
-            more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
-            parts.append(f"{len(keys)} {what}: {', '.join(keys[:shown])}{more}")
-    return "; ".join(parts)
 
 
 def _normalization(preprocess: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -80,6 +80,9 @@ class OpenCLIP(ClipLike):
     ignored, as open_clip's text towers ignore padding (causal attention, EOT pooling).
     """
 
+    # only initial weights: a model rebuilt to receive a trained checkpoint drops them
+    weight_arguments = ("pretrained", "checkpoint")
+
     def __init__(
         self,
         model_name: str,
