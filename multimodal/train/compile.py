@@ -6,6 +6,7 @@ blocks (losses, gathers, logging, generation) stays eager."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +22,26 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 
 @dataclass
 class CompileOptions:
-    """How the blocks are compiled: any `torch.compile` backend ("inductor", "aot_eager",
-    "eager") and mode."""
+    """How the blocks are compiled: a `torch.compile` backend ("inductor", "aot_eager",
+    "eager", or a backend callable) and mode."""
 
-    backend: str = "inductor"
+    backend: str | Callable[..., Any] = "inductor"
     mode: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.backend:
-            raise ValueError("CompileOptions.backend must name a torch.compile backend")
-        if self.mode not in MODES:
-            raise ValueError(f"CompileOptions.mode={self.mode!r} must be one of {list(MODES)}")
+        check_compile_options(
+            self.backend, self.mode, "CompileOptions.backend", "CompileOptions.mode"
+        )
+
+
+def check_compile_options(
+    backend: Any, mode: str | None, backend_field: str, mode_field: str
+) -> None:
+    """ValueError naming the field when the backend is empty or the mode unknown."""
+    if not backend:
+        raise ValueError(f"{backend_field}={backend!r} must name a torch.compile backend")
+    if mode not in MODES:
+        raise ValueError(f"{mode_field}={mode!r} must be one of {list(MODES)}")
 
 
 def compile_blocks(model: nn.Module, options: CompileOptions | None = None) -> int:

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from multimodal.train.checkpointing import apply_activation_checkpointing
-from multimodal.train.compile import CompileOptions, compile_blocks
+from multimodal.train.compile import CompileOptions, check_compile_options, compile_blocks
 from multimodal.train.fsdp import FSDP2Strategy, shard_model
 
 
@@ -28,7 +28,9 @@ class BlockOptions:
     compile_mode: str | None = None
 
     def __post_init__(self) -> None:
-        CompileOptions(self.compile_backend, self.compile_mode)  # validates both fields
+        check_compile_options(
+            self.compile_backend, self.compile_mode, "compile_backend", "compile_mode"
+        )
 
 
 def prepare_task(task: pl.LightningModule, options: BlockOptions) -> None:
