@@ -12,11 +12,12 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from multimodal.eval.caption_metrics import caption_metrics
-from multimodal.models.captioner import Captioner
+from multimodal.models.captioner import Captioner, CaptionerOutput
 from multimodal.models.losses import caption_loss, clip_loss
-from multimodal.tasks.base import OptimizedTask
+from multimodal.tasks.accumulation import AccumulatingTask
 from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
 from multimodal.tasks.optim import OptimConfig
+from multimodal.train.accumulation import Embedded, grad_cache
 from multimodal.train.prepare import BlockOptions
 from text.generation import GenerationConfig
 
@@ -39,7 +40,7 @@ def normalize_caption(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-class Captioning(OptimizedTask):
+class Captioning(AccumulatingTask):
     """Train a `Captioner` on image-caption batches (`images`, `input_ids` BOS ... EOS,
     `attention_mask`; validation also reads `references`, every caption of each image).
 
@@ -52,6 +53,10 @@ class Captioning(OptimizedTask):
         generation: how validation captions are written (None: `Captioner.generate`'s
             default, greedy up to the decoder's max_positions).
         val_generate: write and score captions in validation (exact match).
+        accumulate: train K consecutive batches as ONE batch of K x B (CoCa-style models
+            only): the contrastive loss sees all K x B pairs (`multimodal.train.grad_cache`),
+            the caption loss is the token mean over the K x B captions (exact), the experts'
+            balance loss the mean of the K micro-batches'; one optimiser step per K batches.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
@@ -66,6 +71,7 @@ class Captioning(OptimizedTask):
         aux_loss_weight: float = 0.01,
         generation: GenerationConfig | None = None,
         val_generate: bool = True,
+        accumulate: int = 1,
         grad_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -76,6 +82,11 @@ class Captioning(OptimizedTask):
             raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
         if contrastive_weight < 0:
             raise ValueError(f"contrastive_weight={contrastive_weight} must be >= 0")
+        if accumulate > 1 and not model.contrastive:
+            raise ValueError(
+                f"accumulate={accumulate} needs a CoCa-style Captioner (text_tower): without a "
+                "contrastive loss use the Trainer's accumulate_grad_batches"
+            )
         self.save_hyperparameters(ignore=["model"])
         self.block_options = BlockOptions(
             grad_checkpointing, compile, compile_backend, compile_mode
@@ -89,6 +100,7 @@ class Captioning(OptimizedTask):
         self.val_generate = val_generate
         self.val_exact_match = MeanMetric()
         self._val_captions: list[tuple[str, list[str]]] = []
+        self.init_accumulation(accumulate)
 
     def setup(self, stage: str) -> None:
         check_vocabulary(self, self.model.decoder.config.vocab_size)
@@ -115,13 +127,65 @@ class Captioning(OptimizedTask):
         losses["loss"] = loss
         return losses
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        if self.accumulate > 1:
+            batches = self.collect(batch, batch_idx)
+            if batches is not None:  # the K-th micro-batch
+                self.accumulated_step(batches)
+            return None
         losses = self.losses(batch)
         for name, value in losses.items():
             self.log(
                 f"train/{name}", value, prog_bar=name == "loss", batch_size=len(batch["images"])
             )
         return losses["loss"]
+
+    def accumulated_step(self, batches: list[Batch]) -> None:
+        """One optimiser step on K micro-batches as one batch (manual optimisation)."""
+        tokens = sum(int(self._labels(b).ne(IGNORE).sum()) for b in batches)  # of the K x B
+        logged: dict[str, list[Tensor]] = {"caption_loss": [], "contrastive_loss": []}
+
+        def embed(batch: Batch) -> Embedded:
+            out = self._forward(batch)
+            return Embedded((out.image_features, out.text_features), (out.logit_scale,))
+
+        def forward(batch: Batch) -> Embedded:
+            out = self._forward(batch)
+            labels = self._labels(batch)
+            share = labels.ne(IGNORE).sum() / tokens  # of the big batch's token mean
+            caption = share * caption_loss(
+                out.logits.float(),
+                labels,
+                label_smoothing=self.label_smoothing,
+                ignore_index=IGNORE,
+            )
+            logged["caption_loss"].append(caption.detach())
+            local = caption + self.aux_loss_weight * out.aux_loss / len(batches)
+            return Embedded((out.image_features, out.text_features), (out.logit_scale,), local)
+
+        def loss_fn(features: tuple[Tensor, ...], shared: tuple[Tensor, ...]) -> Tensor:
+            loss = clip_loss(features[0], features[1], shared[0])
+            logged["contrastive_loss"].append(loss.detach())
+            return self.contrastive_weight * loss
+
+        result = grad_cache(
+            batches, forward, loss_fn, embed=embed, backward=self.backward_micro_batch
+        )
+        assert result.local_loss is not None
+        size = sum(len(b["images"]) for b in batches)
+        for name, values in logged.items():
+            self.log(f"train/{name}", torch.stack(values).sum(), batch_size=size)
+        self.log("train/loss", result.loss + result.local_loss, prog_bar=True, batch_size=size)
+        self.optimizer_step_once()
+
+    def _forward(self, batch: Batch) -> CaptionerOutput:
+        """The model on a batch: the caption without its last token is the decoder's input."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        return self.model(batch["images"], ids[:, :-1], mask[:, :-1])
+
+    @staticmethod
+    def _labels(batch: Batch) -> Tensor:
+        return next_token_labels(batch["input_ids"], batch["attention_mask"])
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         losses = self.losses(batch)

@@ -9,15 +9,25 @@ from torch import Tensor
 from multimodal.models.clip import CLIP, CLIPOutput
 from multimodal.models.itm import ITMHead, itm_pairs
 from multimodal.models.losses import clip_loss, itm_loss, siglip_loss
+from multimodal.tasks.accumulation import AccumulatingTask
 from multimodal.tasks.base import StageStepTask
 from multimodal.tasks.optim import OptimConfig
+from multimodal.train.accumulation import Embedded, grad_cache
 from multimodal.train.prepare import BlockOptions
 
 LOSSES = ("clip", "siglip")
 Batch = dict[str, Tensor]
 
 
-class ContrastivePretraining(StageStepTask):
+def inbatch_accuracy(image_features: Tensor, text_features: Tensor) -> Tensor:
+    """Image -> text retrieval accuracy within the batch (not zero-shot classification)."""
+    with torch.no_grad():
+        similarity = image_features @ text_features.T  # (B, B)
+        target = torch.arange(len(similarity), device=similarity.device)
+        return (similarity.argmax(dim=1) == target).float().mean()
+
+
+class ContrastivePretraining(AccumulatingTask, StageStepTask):
     """Train a `CLIP` on image-caption batches (`images`, `input_ids`, `attention_mask`).
 
     Args:
@@ -31,6 +41,10 @@ class ContrastivePretraining(StageStepTask):
             every pair, plus a hard negative text per image and a hard negative image per
             text drawn from this rank's similarities; needs a model returning token features.
         itm_weight: weight of the ITM loss.
+        accumulate: train K consecutive batches as ONE batch of K x B for the contrastive
+            loss (`multimodal.train.grad_cache`: exact big-batch loss and gradients, memory
+            of one batch's activations, one optimiser step per K batches); not with itm_head
+            or the Trainer's accumulate_grad_batches.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
@@ -45,6 +59,7 @@ class ContrastivePretraining(StageStepTask):
         optim: OptimConfig | None = None,
         itm_head: ITMHead | None = None,
         itm_weight: float = 1.0,
+        accumulate: int = 1,
         grad_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -57,6 +72,11 @@ class ContrastivePretraining(StageStepTask):
             raise ValueError("loss='siglip' needs a CLIP built with init_logit_bias (e.g. -10)")
         if itm_weight < 0:
             raise ValueError(f"itm_weight={itm_weight} must be >= 0")
+        if accumulate > 1 and itm_head is not None:
+            raise ValueError(
+                f"accumulate={accumulate} with itm_head is not supported: the hard negatives "
+                "of the K x B batch need every micro-batch's token features with their graphs"
+            )
         self.save_hyperparameters(ignore=["model", "itm_head"])
         self.block_options = BlockOptions(
             grad_checkpointing, compile, compile_backend, compile_mode
@@ -68,6 +88,7 @@ class ContrastivePretraining(StageStepTask):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.optim = optim or OptimConfig()
+        self.init_accumulation(accumulate)
 
     def forward(self, batch: Batch) -> CLIPOutput:
         if self.itm_head is None:
@@ -107,10 +128,7 @@ class ContrastivePretraining(StageStepTask):
     def _step(self, batch: Batch, stage: str) -> Tensor:
         out = self(batch)
         loss = self.loss(out)
-        with torch.no_grad():  # in-batch retrieval accuracy, image -> text, on this rank
-            similarity = out.image_features @ out.text_features.T
-            target = torch.arange(len(similarity), device=similarity.device)
-            accuracy = (similarity.argmax(dim=1) == target).float().mean()
+        accuracy = inbatch_accuracy(out.image_features, out.text_features)  # on this rank
         sync = stage != "train"
         self.log(
             f"{stage}/loss", loss, prog_bar=True, sync_dist=sync, batch_size=len(batch["images"])
@@ -132,3 +150,31 @@ class ContrastivePretraining(StageStepTask):
         if stage == "train":
             self.log("train/logit_scale", out.logit_scale, batch_size=len(batch["images"]))
         return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        if self.accumulate == 1:
+            return super().training_step(batch, batch_idx)
+        batches = self.collect(batch, batch_idx)
+        if batches is None:  # not the K-th micro-batch yet
+            return None
+        result = grad_cache(
+            batches, self._embed, self._loss_of_features, backward=self.backward_micro_batch
+        )
+        image, text = result.features
+        size = len(image)  # K x B
+        self.log("train/loss", result.loss, prog_bar=True, batch_size=size)
+        self.log("train/inbatch_acc", inbatch_accuracy(image, text), prog_bar=True, batch_size=size)
+        self.log("train/logit_scale", self.model.scale().detach(), batch_size=size)
+        self.optimizer_step_once()
+        return None
+
+    def _embed(self, batch: Batch) -> Embedded:
+        """One micro-batch's features and the shared logit scale (and SigLIP bias)."""
+        out = self(batch)
+        shared = (out.logit_scale,) if out.logit_bias is None else (out.logit_scale, out.logit_bias)
+        return Embedded((out.image_features, out.text_features), shared)
+
+    def _loss_of_features(self, features: tuple[Tensor, ...], shared: tuple[Tensor, ...]) -> Tensor:
+        image, text = features
+        bias = shared[1] if len(shared) > 1 else None
+        return self.loss(CLIPOutput(image, text, shared[0], bias))

@@ -1,6 +1,7 @@
 """The training system around the tasks: gradient accumulation, FSDP2, activation
 checkpointing, compile, throughput and preflight estimates."""
 
+from multimodal.train.accumulation import Embedded, GradCacheResult, grad_cache
 from multimodal.train.checkpointing import apply_activation_checkpointing
 from multimodal.train.compile import CompileOptions, CompileTimer, compile_blocks
 from multimodal.train.fsdp import FSDP2Strategy, FSDPOptions, shard_model
@@ -8,6 +9,9 @@ from multimodal.train.prepare import BlockOptions, prepare_task
 from multimodal.train.throughput import ThroughputMonitor
 
 __all__ = [
+    "Embedded",
+    "GradCacheResult",
+    "grad_cache",
     "BlockOptions",
     "CompileOptions",
     "CompileTimer",
