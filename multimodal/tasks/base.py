@@ -68,8 +68,6 @@ class Task(BlockwiseTask):
         """Load `init_from` into `module` (default: the whole task) and print the report;
         nothing without a path."""
         if init_from is None:
-            if init_prefix_map is not None:
-                raise ValueError("init_prefix_map is set but init_from is not")
             return None
         report = load_init_weights(
             self if module is None else module,

@@ -59,6 +59,9 @@ class Captioning(AccumulatingTask):
             balance loss the mean of the K micro-batches'; one optimiser step per K batches.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
+        init_from, init_strict, init_prefix_map: start from another run's weights
+            (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
+            unless strict, keys renamed by {old prefix: new prefix}.
     """
 
     def __init__(
@@ -76,6 +79,9 @@ class Captioning(AccumulatingTask):
         compile: bool = False,
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
+        init_from: str | None = None,
+        init_strict: bool = False,
+        init_prefix_map: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= label_smoothing < 1:
@@ -101,6 +107,7 @@ class Captioning(AccumulatingTask):
         self.val_exact_match = MeanMetric()
         self._val_captions: list[tuple[str, list[str]]] = []
         self.init_accumulation(accumulate)
+        self.init_weights(init_from, init_strict, init_prefix_map)
 
     def setup(self, stage: str) -> None:
         check_vocabulary(self, self.model.decoder.config.vocab_size)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from multimodal.models.clip import CLIP, CLIPOutput
+from multimodal.models.clip import ClipLike, CLIPOutput
 from multimodal.models.itm import ITMHead, itm_pairs
 from multimodal.models.losses import clip_loss, itm_loss, siglip_loss
 from multimodal.tasks.accumulation import AccumulatingTask
@@ -28,10 +28,12 @@ def inbatch_accuracy(image_features: Tensor, text_features: Tensor) -> Tensor:
 
 
 class ContrastivePretraining(AccumulatingTask, StageStepTask):
-    """Train a `CLIP` on image-caption batches (`images`, `input_ids`, `attention_mask`).
+    """Train a CLIP-style model on image-caption batches (`images`, `input_ids`,
+    `attention_mask`).
 
     Args:
-        model: the CLIP model (for "siglip", built with `init_logit_bias`, e.g. -10).
+        model: a `ClipLike` (our `CLIP`, `OpenCLIP`); for "siglip", built with
+            `init_logit_bias` (e.g. -10).
         loss: "clip" (symmetric InfoNCE) or "siglip" (pairwise sigmoid).
         local_loss: CLIP loss of local features against the gathered ones (less memory,
             same gradients) instead of the full similarity matrix on every rank.
@@ -47,11 +49,19 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
             or the Trainer's accumulate_grad_batches.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
+        lock_image_tower, lock_text_tower: freeze that tower (LiT: a locked pretrained image
+            tower, a text tower learning to read it); its projection into the joint space
+            still trains, and the optimiser gets only trainable parameters.
+        lock_image_unlocked_layers, lock_text_unlocked_layers: the locked tower's last N
+            blocks (with what follows them: final norm, pooling) stay trainable.
+        init_from, init_strict, init_prefix_map: start from another run's weights
+            (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
+            unless strict, keys renamed by {old prefix: new prefix}.
     """
 
     def __init__(
         self,
-        model: CLIP,
+        model: ClipLike,
         *,
         loss: str = "clip",
         local_loss: bool = False,
@@ -64,6 +74,13 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
         compile: bool = False,
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
+        lock_image_tower: bool = False,
+        lock_image_unlocked_layers: int = 0,
+        lock_text_tower: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        init_from: str | None = None,
+        init_strict: bool = False,
+        init_prefix_map: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -82,6 +99,10 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
             grad_checkpointing, compile, compile_backend, compile_mode
         )
         self.model = model
+        self.lock_towers(
+            (lock_image_tower, lock_image_unlocked_layers),
+            (lock_text_tower, lock_text_unlocked_layers),
+        )
         self.itm_head = itm_head
         self.itm_weight = itm_weight
         self.loss_name = loss
@@ -89,6 +110,20 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
         self.gather_with_grad = gather_with_grad
         self.optim = optim or OptimConfig()
         self.init_accumulation(accumulate)
+        self.init_weights(init_from, init_strict, init_prefix_map)
+
+    def lock_towers(self, image: tuple[bool, int], text: tuple[bool, int]) -> None:
+        """Lock the towers asked for, as (lock, unlocked last blocks) pairs."""
+        for name, (lock, unlocked), method in (
+            ("image", image, self.model.lock_image_tower),
+            ("text", text, self.model.lock_text_tower),
+        ):
+            if unlocked and not lock:
+                raise ValueError(
+                    f"lock_{name}_unlocked_layers={unlocked} needs lock_{name}_tower=true"
+                )
+            if lock:
+                method(unlocked)
 
     def forward(self, batch: Batch) -> CLIPOutput:
         if self.itm_head is None:

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from multimodal.checkpoint_check import check_torch_file
+
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
@@ -43,11 +45,9 @@ def config_classes() -> tuple[type, ...]:
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """The object saved in a torch file, read with `weights_only=True` (plus the platform's
-    config dataclasses); ValueError naming the file when it is not a readable torch file or
-    holds other objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    config dataclasses); FileNotFoundError or ValueError naming the file when it is missing,
+    not a torch file (`multimodal.checkpoint_check`) or holds other objects."""
+    path = check_torch_file(path)  # a missing, text, empty or foreign file says so
     try:
         with torch.serialization.safe_globals(list(config_classes())):
             return torch.load(path, map_location="cpu", weights_only=True)

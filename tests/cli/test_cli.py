@@ -83,6 +83,8 @@ def test_text_configs_train(name, tmp_path, text_files):
     overrides = {
         "bert_mlm": ["--data.init_args.tokenizer", text_files["tokenizer"]],
         "bert_classifier": [
+            "--model.init_args.init_from",
+            "null",  # from scratch: tests/tasks/test_init_from.py starts it from a bert_mlm run
             "--data.init_args.tokenizer",
             text_files["tokenizer"],
             "--data.init_args.train_file",

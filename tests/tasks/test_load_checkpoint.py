@@ -61,7 +61,7 @@ def saved_run(config: str, path: Path, **init_args) -> torch.nn.Module:
     """The model section of configs/<config> built by LightningCLI (as `multimodal fit`
     builds it) and saved by its Trainer to `path`."""
     section = yaml.safe_load((CONFIGS / config).read_text())["model"]
-    section["init_args"].update(init_args)
+    section["init_args"].update({"init_from": None, **init_args})  # no MLM run to start from
     cli = LightningCLI(
         run=False,
         args={"model": section, "trainer": {"logger": False, "enable_progress_bar": False}},
