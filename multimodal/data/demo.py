@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ _ANSWERS: dict[str, Callable[[int], str]] = {
 VQA_QUESTIONS = tuple(_ANSWERS)
 ANNOTATORS = 3  # VQA scores an answer min(#annotators giving it / 3, 1)
 PREFIX = "digits"
+VARIANTS = ("digits", "instances")  # see write_demo_shards
+DEMO_SIZE = 1797  # scans in scikit-learn's digits
 
 
 def render_captions(label: int, templates: tuple[str, ...]) -> list[str]:
@@ -124,13 +126,15 @@ def _answers(label: int) -> list[str]:
     return [answer(label) for answer in _ANSWERS.values()]
 
 
-def write_demo_tokenizer(out_dir: str | os.PathLike) -> Tokenizer:
-    """Train a small WordPiece tokenizer on `demo_corpus()` and save it to
-    `out_dir/tokenizer` (a few dozen ids: captioning and VQA decoders need no 49k-way
-    softmax). Word ids are `[PAD]` 0, `[CLS]` (start) and `[SEP]` (end) as in BERT."""
+def write_demo_tokenizer(out_dir: str | os.PathLike, extra_texts: Sequence[str] = ()) -> Tokenizer:
+    """Train a small WordPiece tokenizer on `demo_corpus()` (and `extra_texts`, e.g. the
+    instance captions) and save it to `out_dir/tokenizer` (a few dozen ids: captioning and VQA
+    decoders need no 49k-way softmax). Word ids are `[PAD]` 0, `[CLS]` (start) and `[SEP]`
+    (end) as in BERT."""
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(demo_corpus()) + "\n", encoding="utf-8")
+        texts = [*demo_corpus(), *extra_texts]
+        corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
         tokenizer = train_tokenizer(
             [corpus], kind="wordpiece", vocab_size=TOKENIZER_VOCAB, min_frequency=1
         )
@@ -141,18 +145,23 @@ def write_demo_tokenizer(out_dir: str | os.PathLike) -> Tokenizer:
 def write_demo_shards(
     out_dir: str | os.PathLike,
     *,
-    image_size: int = 32,
+    variant: str = "digits",
+    image_size: int | None = None,
     samples_per_shard: int = 256,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, WriteSummary]:
-    """Write the demo digits to `out_dir/{train,val,test}/digits-NNNNNN.tar`, and the demo's
+    """Write the demo digits to `out_dir/{train,val,test}/digits-NNNNNN.tar` (variant
+    "instances": `instances-NNNNNN.tar`, see `multimodal.data.instances`), and the demo's
     small WordPiece tokenizer to `out_dir/tokenizer` (`write_demo_tokenizer`).
 
     Args:
         out_dir: root folder of the three shard series.
-        image_size: side of the rendered images in pixels (32; 64 for larger towers).
+        variant: "digits" (dark digits on white, captions that name the digit) or "instances"
+            (coloured digits placed and sized at random, captions that name all of it).
+        image_size: side of the rendered images in pixels (digits: 32, 64 for larger towers;
+            instances: 48).
         samples_per_shard: most samples per shard (the last one of a split holds the rest).
         seed: the split and the choice of each sample's `txt`.
         overwrite: replace a demo already written to `out_dir`.
@@ -162,17 +171,30 @@ def write_demo_shards(
         raise ValueError(f"samples_per_shard={samples_per_shard!r} must be an int >= 1")
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
-    if image_size < 8:
-        raise ValueError(f"image_size={image_size} must be >= 8 pixels (the scans are 8x8)")
-    images, labels = load_digit_images(image_size)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} must be one of {list(VARIANTS)}")
+    extra_texts: list[str] = []
+    if variant == "instances":
+        from multimodal.data import instances  # imports this module
+
+        samples = instances.instance_samples(
+            image_size=image_size or instances.IMAGE_SIZE, seed=seed
+        )
+        prefix, extra_texts = instances.PREFIX, instances.instance_corpus()
+    else:
+        image_size = image_size or 32
+        if image_size < 8:
+            raise ValueError(f"image_size={image_size} must be >= 8 pixels (the scans are 8x8)")
+        images, labels = load_digit_images(image_size)
+        samples, prefix = _samples(images, labels, seed, 0.15, 0.15), PREFIX
     summaries = write_shards(
-        _samples(images, labels, seed, 0.15, 0.15),
+        samples,
         out_dir,
-        prefix=PREFIX,
+        prefix=prefix,
         max_samples=samples_per_shard,
         overwrite=overwrite,
         progress=progress,
-        total=len(labels),
+        total=DEMO_SIZE,
     )
-    write_demo_tokenizer(out_dir)
+    write_demo_tokenizer(out_dir, extra_texts)
     return summaries

@@ -17,6 +17,7 @@ from multimodal.data.shards import (
     write_shards,
 )
 
+DEMO_VARIANTS = ("digits", "instances")  # multimodal.data.demo.VARIANTS, without its imports
 # torchvision datasets with a `train=` flag and `.classes`
 TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "KMNIST")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -76,10 +77,27 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="the bundled digits with captions, held-out prompts and VQA pairs",
-        description="Write the 1,797 bundled digits (train/val/test 70/15/15) as PNG shards.",
+        description=(
+            "Write the 1,797 bundled digits (train/val/test 70/15/15) as PNG shards. "
+            "--variant instances draws each digit in a colour, size, position and background "
+            "that its caption names (unique captions: instance-level retrieval)."
+        ),
     )
     _common(demo, prefix=None)
-    demo.add_argument("--image-size", type=int, default=32, metavar="PX", help="image side (32)")
+    demo.add_argument(
+        "--variant",
+        choices=DEMO_VARIANTS,
+        default=DEMO_VARIANTS[0],
+        help="digits: dark on white, captions name the digit; instances: coloured, placed and "
+        "sized at random, captions name all of it (digits)",
+    )
+    demo.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="image side (digits: 32, instances: 48)",
+    )
     demo.add_argument(
         "--samples-per-shard", type=int, default=256, metavar="N", help="samples per shard (256)"
     )
@@ -177,6 +195,7 @@ def _run(args: argparse.Namespace) -> Mapping[str, WriteSummary]:
 
         return write_demo_shards(
             args.out,
+            variant=args.variant,
             image_size=args.image_size,
             samples_per_shard=args.samples_per_shard,
             seed=args.seed,

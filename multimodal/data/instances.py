@@ -1,0 +1,241 @@
+"""The instance-level demo digits: each scan drawn in a colour, at a size and a position, on a
+background, with a caption that names all four ("a small red seven at the top left on a grey
+background").
+
+The plain demo's captions name only the digit, so ~27 test images share each caption and
+image -> text retrieval cannot tell them apart. Here every image of a digit gets a different
+(colour, size, position, background) combination (drawn without replacement per digit: 210
+combinations for at most 183 scans of a digit), so every caption in the dataset is unique and
+retrieval has one right answer. `label` / `class_name` and the held-out zero-shot prompts
+are those of the plain demo, so zero-shot classification of the digits works as before.
+
+Training samples carry several captions in `json["captions"]` (drawn one per epoch by
+`ImageTextDataModule(sample_captions=True)`): the full caption with the digit as a word and as
+a numeral, two captions with some attributes left out, and one of the plain demo's class
+captions, so the text tower also learns prompts that name only the digit. Validation and test
+samples carry only the full caption (retrieval counts exactly the image's own caption) and the
+held-out prompts in `json["zeroshot_captions"]`. The same seed gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from multimodal.data.demo import (
+    CLASS_NAMES,
+    HELD_OUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    render_captions,
+    vqa_pairs,
+)
+from multimodal.data.digits import load_digit_images, split_indices
+from multimodal.data.shards import Sample, encode_png
+
+PREFIX = "instances"
+IMAGE_SIZE = 48  # default side of the rendered images
+COLOURS: dict[str, tuple[int, int, int]] = {  # ink colours, spread over the hue circle
+    "red": (215, 30, 30),
+    "orange": (245, 135, 20),
+    "yellow": (235, 215, 25),
+    "green": (35, 165, 45),
+    "cyan": (30, 200, 215),
+    "blue": (35, 65, 225),
+    "purple": (140, 45, 185),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "grey": (128, 128, 128),
+    "black": (15, 15, 15),
+}
+SIZES: dict[str, float] = {"small": 0.45, "large": 0.7}  # digit side / image side
+# position -> (x, y) of the digit's top-left corner as a share of the free space
+POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (0.0, 0.0),
+    "top right": (1.0, 0.0),
+    "center": (0.5, 0.5),
+    "bottom left": (0.0, 1.0),
+    "bottom right": (1.0, 1.0),
+}
+COLOUR_JITTER = 20  # each ink channel moves by up to this much; the background's brightness too
+
+
+@dataclass(frozen=True)
+class DigitInstance:
+    """What one rendered image shows: the digit and its four attributes (keys of `COLOURS`,
+    `SIZES`, `POSITIONS`, `BACKGROUNDS`)."""
+
+    label: int
+    colour: str
+    size: str
+    position: str
+    background: str
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.label < len(CLASS_NAMES):
+            raise ValueError(f"DigitInstance.label={self.label} must be in 0..9")
+        for field, table in (
+            ("colour", COLOURS),
+            ("size", SIZES),
+            ("position", POSITIONS),
+            ("background", BACKGROUNDS),
+        ):
+            if getattr(self, field) not in table:
+                raise ValueError(
+                    f"DigitInstance.{field}={getattr(self, field)!r} must be one of {list(table)}"
+                )
+
+    def caption(
+        self,
+        *,
+        numeral: bool = False,
+        colour: bool = True,
+        size: bool = True,
+        position: bool = True,
+        background: bool = True,
+    ) -> str:
+        """ "a small red seven at the top left on a grey background"; `numeral` writes "7",
+        the flags leave attributes out ("a seven on a grey background")."""
+        digit = str(self.label) if numeral else CLASS_NAMES[self.label]
+        words = ["a"] + [self.size] * size + [self.colour] * colour + [digit]
+        if position:
+            centre = self.position == "center"
+            words.append("in the center" if centre else f"at the {self.position}")
+        if background:
+            words.append(f"on a {self.background} background")
+        return " ".join(words)
+
+
+def attribute_combinations() -> list[tuple[str, str, str, str]]:
+    """Every (colour, size, position, background), in a fixed order."""
+    return list(itertools.product(COLOURS, SIZES, POSITIONS, BACKGROUNDS))
+
+
+def draw_instances(labels: np.ndarray, rng: np.random.Generator) -> list[DigitInstance]:
+    """One instance per label: each digit's images take distinct attribute combinations (in a
+    random order; repeated only when a digit has more images than combinations)."""
+    combos = attribute_combinations()
+    instances: list[DigitInstance | None] = [None] * len(labels)
+    for label in range(len(CLASS_NAMES)):
+        where = np.flatnonzero(labels == label)
+        rounds = -(-len(where) // len(combos))  # passes over the combinations
+        order = np.concatenate([rng.permutation(len(combos)) for _ in range(rounds)] or [[]])
+        for index, combo in zip(where.tolist(), order.tolist(), strict=False):
+            instances[index] = DigitInstance(label, *combos[combo])
+    return instances  # type: ignore[return-value]
+
+
+def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    shift = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+    return np.clip(np.asarray(rgb) + shift, 0, 255).astype(np.float32)
+
+
+def render_instance(
+    ink: np.ndarray, instance: DigitInstance, image_size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The (image_size, image_size, 3) uint8 image of `instance`: `ink` ((side, side) floats in
+    [0, 1], the scan at the instance's size) blended in the ink colour over the background."""
+    side = ink.shape[0]
+    free = image_size - side
+    fx, fy = POSITIONS[instance.position]
+    x, y = round(fx * free), round(fy * free)
+    image = np.empty((image_size, image_size, 3), dtype=np.float32)
+    shade = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1)  # brighter or darker, same hue
+    image[:] = np.clip(np.asarray(BACKGROUNDS[instance.background]) + shade, 0, 255)
+    colour = _jitter(COLOURS[instance.colour], rng)
+    alpha = ink[..., None]
+    region = image[y : y + side, x : x + side]
+    image[y : y + side, x : x + side] = region * (1 - alpha) + colour * alpha
+    return image.round().astype(np.uint8)
+
+
+def digit_side(size: str, image_size: int) -> int:
+    """Side in pixels of a digit of `size` ("small", "large") in an image of `image_size`."""
+    return max(8, round(SIZES[size] * image_size))
+
+
+def _inks(image_size: int) -> dict[str, np.ndarray]:
+    """{size: (N, side, side) ink in [0, 1]} of every scan (the bilinear rendering of
+    `load_digit_images`, inverted)."""
+    out = {}
+    for size in SIZES:
+        images, _ = load_digit_images(digit_side(size, image_size))
+        out[size] = 1 - images[..., 0].astype(np.float32) / 255
+    return out
+
+
+def instance_samples(
+    *,
+    image_size: int = IMAGE_SIZE,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+) -> Iterator[Sample]:
+    """Every scan as an instance sample (keys `instances-NNNNNN` by scan index), with the split
+    of the plain demo (`split_indices`, the same `seed`); see the module docstring."""
+    if image_size < 16:
+        raise ValueError(f"image_size={image_size} must be >= 16 pixels for the instance demo")
+    _, labels = load_digit_images(8)
+    inks = _inks(image_size)
+    splits = split_indices(len(labels), val_fraction, test_fraction, seed=seed)
+    split_of = np.empty(len(labels), dtype=object)
+    for name, indices in splits.items():
+        split_of[indices] = name
+    rng = np.random.default_rng(seed)
+    instances = draw_instances(labels, rng)
+    for index, instance in enumerate(instances):
+        image = render_instance(inks[instance.size][index], instance, image_size, rng)
+        caption = instance.caption()
+        meta: dict[str, object] = {
+            "label": instance.label,
+            "class_name": CLASS_NAMES[instance.label],
+            "attributes": {
+                "colour": instance.colour,
+                "size": instance.size,
+                "position": instance.position,
+                "background": instance.background,
+            },
+            "vqa": vqa_pairs(instance.label),
+            "split": split_of[index],
+        }
+        if split_of[index] == "train":
+            meta["captions"] = _training_captions(instance, rng)
+        else:
+            meta["captions"] = [caption]
+            meta["zeroshot_captions"] = render_captions(instance.label, HELD_OUT_TEMPLATES)
+        png = encode_png(Image.fromarray(image))
+        yield {"__key__": f"{PREFIX}-{index:06d}", "png": png, "txt": caption, "json": meta}
+
+
+def _training_captions(instance: DigitInstance, rng: np.random.Generator) -> list[str]:
+    """The full caption (word, numeral), two with random attributes left out, one class
+    caption of the plain demo (distinct strings, the full word caption first)."""
+    captions = [instance.caption(), instance.caption(numeral=True)]
+    for _ in range(2):
+        keep = rng.random(4) < 0.5
+        captions.append(
+            instance.caption(
+                numeral=bool(rng.random() < 0.5),
+                colour=bool(keep[0]),
+                size=bool(keep[1]),
+                position=bool(keep[2]),
+                background=bool(keep[3]),
+            )
+        )
+    templates = render_captions(instance.label, TRAIN_TEMPLATES)
+    captions.append(templates[rng.integers(len(templates))])
+    return list(dict.fromkeys(captions))
+
+
+def instance_corpus() -> list[str]:
+    """Texts with every word of the instance captions, for the demo's WordPiece tokenizer:
+    the full caption of each attribute combination, the digits taking turns as words and as
+    numerals."""
+    return [
+        DigitInstance(i % len(CLASS_NAMES), *combo).caption(numeral=i % 2 == 1)
+        for i, combo in enumerate(attribute_combinations())
+    ]
