@@ -1,7 +1,12 @@
 """Images/s through the whole shard pipeline (tar reading, shuffle, decode, resize/crop to 224,
-CLIP normalisation, tokenization, batching, transfer from the workers) with 2 workers, against a
-plain single-process loop doing the same decode + transforms + tokenization + stacking over the
-same images held in memory; both measured in the same run. Never a timed test.
+CLIP normalisation, tokenization, batching, transfer from the workers) with 2 workers, against
+(1) plain webdataset reading the same shards with the same transforms and tokenizer in a
+DataLoader with the same workers (the cost of the planned, resumable stream: per-sample seeding,
+cursors, index skipping), and (2) a plain single-process loop doing the same decode +
+transforms + tokenization + stacking over the same images held in memory; all measured in the
+same run, alternated. Also the size of the checkpointed loader state with a small and a large
+shuffle buffer (it must not grow with the buffer's content) and the time a resumed loader takes
+to its first batch halfway through an epoch. Never a timed test.
 
     python bench/loader.py [--images 2000] [--workers 2] [--batch 64] [--repeats 3]
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import multiprocessing
 import os
 import random
@@ -122,6 +128,41 @@ def measure_loop(pairs: list[tuple[bytes, str]], batch_size: int) -> Rate:
         torch.set_num_threads(threads)
 
 
+class TransformCaption:
+    """(jpeg image, caption) -> (tensor, token ids), as the datamodule's map does; picklable."""
+
+    def __init__(self) -> None:
+        self.transform = clip_image_transform(224).train()
+        self.tokenizer = load_tokenizer("clip")
+
+    def __call__(self, sample: tuple) -> tuple:
+        image, caption = sample
+        return self.transform(image.convert("RGB")), self.tokenizer.encode(caption, max_length=77)
+
+
+def collate_pairs(samples: list) -> dict:
+    return {"images": torch.stack([s[0] for s in samples]), "ids": [s[1] for s in samples]}
+
+
+def plain_webdataset(folder: Path, batch: int, workers: int) -> torch.utils.data.DataLoader:
+    """webdataset's own pipeline over the same shards: shard shuffle, split by worker, 500-sample
+    shuffle buffer, PIL decode, the same transform and tokenizer, batching in the workers."""
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    dataset = (
+        wds.WebDataset(
+            urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, empty_check=False
+        )
+        .shuffle(500)
+        .decode("pil")
+        .to_tuple("jpg", "txt")
+        .map(TransformCaption())
+        .batched(batch, collation_fn=collate_pairs)
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, persistent_workers=True
+    )
+
+
 def measure_pipeline(loader: ShardLoader) -> Rate:
     """One epoch of a training loader whose workers are already running (persistent)."""
     wall, cpu, count = time.perf_counter(), cpu_seconds(), 0
@@ -158,11 +199,33 @@ def main() -> None:
         )
         data.setup("fit")
         loader = data.train_dataloader()
+        plain = plain_webdataset(folder, args.batch, args.workers)
         measure_pipeline(loader)  # warm-up: starts the workers
-        loop, pipe = [], []
+        measure_pipeline(plain)
+        loop, pipe, web = [], [], []
         for _ in range(args.repeats):  # alternated so that drifts in machine load hit both
             loop.append(measure_loop(pairs, args.batch))
             pipe.append(measure_pipeline(loader))
+            web.append(measure_pipeline(plain))
+        states = {}
+        for buffer in (500, 5000):
+            sized = ImageTextDataModule(
+                str(folder), batch_size=args.batch, num_workers=args.workers, shuffle_buffer=buffer
+            )
+            sized_loader = sized.train_dataloader()
+            stream = iter(sized_loader)
+            half = len(sized_loader) // 2
+            for _ in range(half):
+                next(stream)
+            states[buffer] = sized_loader.state_dict()
+            del stream
+        resumed = ImageTextDataModule(
+            str(folder), batch_size=args.batch, num_workers=args.workers, shuffle_buffer=5000
+        ).train_dataloader()
+        resumed.load_state_dict(states[5000])
+        start = time.perf_counter()
+        next(iter(resumed))
+        resume_seconds = time.perf_counter() - start
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     loop_rate = statistics.median(r.per_second for r in loop)
     pipe_rate = statistics.median(r.per_second for r in pipe)
@@ -182,6 +245,16 @@ def main() -> None:
         f"core): {ratio:.2f}"
     )
     print(f"per-core throughput ratio, CPU time (images per CPU-second): {pipe_cpu / loop_cpu:.2f}")
+    web_rate = statistics.median(r.per_second for r in web)
+    print(
+        f"plain webdataset, {args.workers} workers:  {web_rate:7.1f} images/s "
+        f"(runs: {fmt(r.per_second for r in web)})"
+    )
+    print(f"planned resumable stream / plain webdataset, images/s: {pipe_rate / web_rate:.3f}")
+    for buffer, state in states.items():
+        size = len(json.dumps(state).encode())
+        print(f"loader state halfway through an epoch, shuffle buffer {buffer}: {size} bytes")
+    print(f"a resumed loader's first batch halfway through the epoch: {resume_seconds:.2f} s")
 
 
 def fmt(rates: Iterable[float]) -> str:

@@ -423,7 +423,7 @@ class _PipelineState:
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        # row 0: [epoch, 0, 0, 0]; row 1 + w: [raw, items, batches, epoch + 1 if set]
+        # row 0: [epoch, worker shift, 0, 0]; row 1 + w: [raw, items, batches, epoch + 1 if set]
         self.shared = torch.zeros(MAX_WORKERS + 1, 4, dtype=torch.long).share_memory_()
         self.epoch = -1
         self.skipped: Counter[str] = Counter()
@@ -650,17 +650,22 @@ class _SeededRandomness:
         self.seed, self.restore = seed, restore
 
     def __enter__(self) -> None:
+        # torch's CPU generator directly: torch.manual_seed also queues the seeding of CUDA
+        # generators with a stack trace, ~10 ms per call
         if self.restore:
-            self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+            self.states = (random.getstate(), np.random.get_state(), _TORCH_RNG.get_state())
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
-        torch.manual_seed(self.seed)
+        _TORCH_RNG.manual_seed(self.seed)
 
     def __exit__(self, *exc: Any) -> None:
         if self.restore:
             random.setstate(self.states[0])
             np.random.set_state(self.states[1])
-            torch.set_rng_state(self.states[2])
+            _TORCH_RNG.set_state(self.states[2])
+
+
+_TORCH_RNG = torch.default_generator
 
 
 def _map_one(
@@ -779,10 +784,17 @@ class ShardPipeline(IterableDataset):
         for worker, cursor in cursors.items():
             self.state.shared[1 + worker] = torch.tensor([*cursor.to_list(), epoch + 1])
 
+    def set_worker_shift(self, shift: int) -> None:
+        """DataLoader worker p plays slot (p + shift) % workers this epoch. The DataLoader
+        always asks worker 0 first; an epoch resumed after `consumed` batches must go on with
+        the slot whose turn it was: shift = consumed % workers."""
+        self.state.shared[0, 1] = shift
+
     def _slot(self) -> tuple[int, int, int, int]:
         worker, workers = _worker()
         if workers > MAX_WORKERS:
             raise ValueError(f"num_workers={workers} > {MAX_WORKERS} is not supported")
+        worker = (worker + int(self.state.shared[0, 1])) % workers
         return self.rank, self.world_size, worker, workers
 
     def _raw_stream(self, slot: tuple[int, int, int, int]):
@@ -1144,6 +1156,8 @@ class ShardLoader(DataLoader):
                 f"checkpoint ({changed}); resume with the same data, devices and num_workers"
             )
         self._resume = dict(state)
+        epoch, consumed = state["epoch"], state["consumed"]
+        log.info("the shard stream resumes in epoch %d after %d batches", epoch, consumed)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -1166,6 +1180,7 @@ class ShardLoader(DataLoader):
             self.epoch += 1
         self.dataset.set_epoch(self.epoch)
         self.dataset.set_resume(cursors, self.epoch)
+        self.dataset.set_worker_shift(consumed % max(1, self.num_workers))
         self._cursors, self._yielded, self._history = dict(cursors), consumed, []
         return self._batches(super().__iter__())
 

@@ -360,6 +360,8 @@ class _ShardDataModule(LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
         self.transform = transform
+        self._train_state: dict[str, Any] | None = None  # a resumed loader position
+        self._train_loader: ShardLoader | None = None
         self.num_workers = num_workers
         self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
@@ -412,7 +414,7 @@ class _ShardDataModule(LightningDataModule):
         knows how many batches its loop has taken, for an exact resume."""
         config = self.configs[split]
         dataset = build_pipeline(config, self.map_sample(split), collate=self.collate())
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         return ShardLoader(
             dataset,
             num_workers=self.num_workers,
@@ -422,7 +424,29 @@ class _ShardDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> ShardLoader:
-        return self.loader("train")
+        loader = self.loader("train")
+        if self._train_state is not None:
+            loader.load_state_dict(self._train_state)
+            self._train_state = None
+        self._train_loader = loader
+        return loader
+
+    # The training loader's position goes into every checkpoint through the datamodule's
+    # state: Lightning restores a datamodule before `configure_optimizers` builds the loader
+    # (to count the schedule's steps), whereas it would hand a loader's own state to that
+    # already-built loader only when it builds it again.
+
+    def state_dict(self) -> dict[str, Any]:
+        loader = self._train_loader
+        return {"train_loader": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("train_loader")
+        loader = self._train_loader
+        if state is not None and loader is not None:
+            loader.load_state_dict(state)
+        else:
+            self._train_state = state
 
     def val_dataloader(self) -> ShardLoader | list:
         return self.loader("val") if "val" in self.configs else []
