@@ -68,8 +68,8 @@ class BlockForward:
     function. In eval mode the plain forward runs (generation with KV caches would
     recompile at every length).
 
-    Holds the module and plain functions only, so `copy.deepcopy` of the model rebinds it to
-    the copied block (a closure over the original block would not)."""
+    An object rather than a closure so that `copy.deepcopy` of the model rebinds it to the
+    copied block (`module` is passed to the functions, never captured by them)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

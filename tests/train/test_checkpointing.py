@@ -29,7 +29,7 @@ from multimodal.tasks import (
 from multimodal.train import apply_activation_checkpointing
 from multimodal.train.blocks import transformer_blocks
 from text import DecoderLM, EncoderDecoderLM, EncoderLM, TextConfig, TextEncoder
-from vision import ViT, ViTConfig
+from vision import TimmEncoder, ViT, ViTConfig
 
 B, T, V = 4, 6, 30
 
@@ -214,4 +214,17 @@ def test_fusion_timm_and_open_clip_blocks_are_checkpointed(name: str) -> None:
             assert apply_activation_checkpointing(model) == len(transformer_blocks(model)) > 0
         torch.manual_seed(1)
         results.append(run(model, lambda model=model: loss(model)))
+    assert_same_gradients(*results)
+
+
+def test_a_timm_cnn_tower_uses_timm_checkpointing() -> None:
+    results = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        tower = TimmEncoder("resnet10t")
+        if flag:  # no transformer blocks: timm's own switch, once for the whole tower
+            assert not transformer_blocks(tower)
+            assert apply_activation_checkpointing(tower) == 1 and tower.model.grad_checkpointing
+        x = torch.randn(2, 3, 32, 32)
+        results.append(run(tower, lambda tower=tower, x=x: tower(x).pooled.pow(2).sum()))
     assert_same_gradients(*results)
