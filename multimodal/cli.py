@@ -83,6 +83,13 @@ def retrieval(args: list[str]) -> int:
     return retrieval_main(args)
 
 
+def estimate(args: list[str]) -> int:
+    """`multimodal estimate --config X ...`: memory, FLOPs and step time of a config, preflight."""
+    from multimodal.train.estimate import main as estimate_main
+
+    return estimate_main(args)
+
+
 COMMANDS: dict[str, Command] = {
     "demo": Command("train a small CLIP on the bundled digits and write its report", demo),
     "tokenizer": Command("train a WordPiece or byte-level BPE tokenizer on text files", tokenizer),
@@ -91,6 +98,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "zeroshot": Command("zero-shot classification report of a checkpoint on shards", zeroshot),
     "retrieval": Command("image-text retrieval report of a checkpoint on shards", retrieval),
+    "estimate": Command(
+        "memory per device, FLOPs and step time of a config, without allocating it", estimate
+    ),
 }
 
 
