@@ -194,6 +194,13 @@ class PlatformCLI(LightningCLI):
         check_lightning_checkpoint(ckpt_path)
         self.resume_from = str(ckpt_path)
 
+    def before_instantiate_classes(self) -> None:
+        # a resumed (or evaluated) checkpoint replaces every weight: init_from is not read
+        model = self.config[self.subcommand].get("model") if self.subcommand else None
+        init_args = model.get("init_args") if hasattr(model, "get") else None
+        if self.resume_from is not None and hasattr(init_args, "init_from"):
+            init_args.init_from = None
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         if self.run_dir is not None:

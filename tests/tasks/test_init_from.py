@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from multimodal.layers import TransformerConfig
@@ -157,3 +158,28 @@ def test_bert_classifier_config_starts_from_a_bert_mlm_run(tmp_path, monkeypatch
     trained = mlm.model.encoder.state_dict()
     for key, value in classifier.model.encoder.state_dict().items():  # frozen: still the MLM's
         assert torch.equal(value, trained[key]), key
+
+
+def test_a_resumed_run_does_not_read_init_from_again(tmp_path, monkeypatch, capsys):
+    from lightning.pytorch import LightningModule
+
+    from multimodal.cli import main
+    from multimodal.tasks.loading import instantiate_section
+    from tests.helpers import CONFIGS
+
+    monkeypatch.setattr("sys.argv", ["multimodal"])
+    section = yaml.safe_load((CONFIGS / "text/gpt_reverse.yaml").read_text())["model"]
+    init = tmp_path / "init.pt"
+    torch.save(instantiate_section(section, LightningModule, "test").state_dict(), init)
+    fit = ["fit", "--config", str(CONFIGS / "text/gpt_reverse.yaml"), "--run-name", "b",
+           "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+           "--trainer.limit_val_batches", "0", "--trainer.precision", "32",
+           "--trainer.callbacks", str([{"class_path": "ModelCheckpoint",
+                                        "init_args": {"save_last": True}}])]  # fmt: skip
+    main([*fit, "--model.init_args.init_from", str(init), "--trainer.max_steps", "1"])
+    assert f"init_from {init}" in capsys.readouterr().out
+    init.unlink()  # resuming needs only the run's own checkpoint
+    main([*fit, "--model.init_args.init_from", str(init), "--trainer.max_steps", "2",
+          "--ckpt_path", "last"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "init_from" not in out and "steps 2" in out
