@@ -8,6 +8,8 @@ Lightning launches nothing and both ranks run, in one process group:
 3. DDP: the same 3 steps;
 4. FSDP2 with bf16 parameters / fp32 reduction, CPU offload and activation checkpointing:
    1 step.
+With the argument "compile": 2 steps eager under DDP, then with compiled, checkpointed blocks
+under DDP and FSDP2.
 Each rank's batch is its half of `global_batch()`, the same batch every step. Results go to
 OUT/rank<r>.pt.
 """
@@ -109,9 +111,26 @@ def fit(
     return record
 
 
-def main(out: Path) -> None:
+def compiled_runs(rank: int) -> dict[str, Tensor]:
+    """2 steps eager under DDP, then compiled (aot_eager) and checkpointed under DDP and FSDP2."""
+    options = {"compile": True, "compile_backend": "aot_eager", "grad_checkpointing": True}
+    return {
+        "eager/losses": torch.stack(fit(tiny_clip_task(), "ddp", rank, max_steps=2).losses),
+        "ddp_compiled/losses": torch.stack(
+            fit(tiny_clip_task(**options), "ddp", rank, max_steps=2).losses
+        ),
+        "fsdp_compiled/losses": torch.stack(
+            fit(tiny_clip_task(**options), FSDP2Strategy(), rank, max_steps=2).losses
+        ),
+    }
+
+
+def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["LOCAL_RANK"])
+    if mode == "compile":
+        torch.save(compiled_runs(rank), out / f"rank{rank}.pt")
+        return
     results: dict[str, Tensor] = {}
 
     task = tiny_clip_task()
@@ -134,4 +153,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "fsdp")

@@ -1,6 +1,7 @@
 """FSDP2 on 2 CPU processes (gloo), one launch of tests/train/fsdp_worker.py: the sharded CLIP
 step equals one process on the whole batch, training equals DDP's, and a distributed
-checkpoint resumes to the same next loss."""
+checkpoint resumes to the same next loss; a second launch (slow) trains compiled, checkpointed
+blocks under DDP and FSDP2 to the eager losses."""
 
 from __future__ import annotations
 
@@ -31,9 +32,8 @@ class Runs(NamedTuple):
     checkpoints: Path  # the distributed checkpoint folders of the FSDP2 run
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    out = tmp_path_factory.mktemp("fsdp")
+def launch(out: Path, mode: str) -> list[dict[str, Tensor]]:
+    """fsdp_worker on WORLD processes (one process group); each rank's results."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -42,7 +42,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         "NODE_RANK": "0",
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "tests.train.fsdp_worker", str(out)]
+    command = [sys.executable, "-m", "tests.train.fsdp_worker", str(out), mode]
     ranks = [
         subprocess.Popen(
             command,
@@ -57,8 +57,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     logs = [rank.communicate(timeout=600)[0] for rank in ranks]
     for rank, log in zip(ranks, logs, strict=True):
         assert rank.returncode == 0, log[-4000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    return Runs(ranks, out / "ckpt")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    out = tmp_path_factory.mktemp("fsdp")
+    return Runs(launch(out, "fsdp"), out / "ckpt")
 
 
 def single_process_step() -> tuple[Tensor, dict[str, Tensor]]:
@@ -129,3 +134,12 @@ def test_fsdp_config_builds(tmp_path: Path) -> None:
     assert cli.model.block_options.grad_checkpointing
     blocks = cli.model.model.image_tower.encoder.blocks
     assert len(blocks) == 12 and len(cli.model.model.text_tower.transformer.blocks) == 12
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_blocks_under_ddp_and_fsdp2(tmp_path: Path) -> None:
+    for rank in launch(tmp_path, "compile"):
+        eager = rank["eager/losses"]
+        assert not torch.equal(eager[0], eager[1])
+        torch.testing.assert_close(rank["ddp_compiled/losses"], eager, atol=1e-4, rtol=0)
+        torch.testing.assert_close(rank["fsdp_compiled/losses"], eager, atol=1e-4, rtol=0)
