@@ -19,10 +19,13 @@ class AccumulatingTask(OptimizedTask):
 
     With K > 1 the task optimises manually: `collect` keeps each micro-batch until the K-th
     (or the epoch's last) arrives, the task computes the big-batch gradient (`grad_cache`),
-    backpropagating through `backward_micro_batch`, and `optimizer_step` steps the optimiser,
-    its schedule and the Trainer's gradient clipping once. The schedule counts optimiser steps
-    (batches / K per epoch). Under DDP gradients are all-reduced once per optimiser step, in
-    the last micro-batch's backward. Tasks call `init_accumulation(K)` in `__init__`.
+    backpropagating through `backward_micro_batch`, and `optimizer_step_once` steps the
+    optimiser, its schedule and the Trainer's gradient clipping once. The schedule and
+    `max_steps` count optimiser steps (ceil(batches / K) per epoch). Under DDP gradients are
+    all-reduced once per optimiser step, in the last micro-batch's backward. Tasks call
+    `init_accumulation(K)` in `__init__` and log once per optimiser step; the loggers' step
+    axis still counts batches (Lightning's manual optimisation), repeating the last values
+    on the K - 1 batches between steps.
     """
 
     accumulate: int = 1

@@ -7,11 +7,13 @@ A contrastive loss couples every pair of the batch, so summing K micro-batch los
 own micro-batch. `grad_cache` instead
 
 1. embeds every micro-batch without grad and caches the features (K x B rows, a few MB);
+   the last micro-batch's forward runs with grad and keeps its graph for step 3;
 2. computes the loss ONCE on the concatenated features, made leaf tensors that require grad,
    and takes its gradient with respect to them (and to the shared scalars: logit scale, bias);
-3. runs each micro-batch's forward again with grad and backpropagates the surrogate
-   <features_i, cached gradient_i>, whose parameter gradient is micro-batch i's share of the
-   big-batch gradient (chain rule); the K backward passes sum to the exact big-batch gradient.
+3. backpropagates, micro-batch by micro-batch, the surrogate <features_i, cached gradient_i>
+   (through the kept graph, or a forward run again with grad), whose parameter gradient is
+   micro-batch i's share of the big-batch gradient (chain rule); the K backward passes sum to
+   the exact big-batch gradient.
 
 Why not open_clip's `accum_freq`: it also caches features without grad, but then, for each
 micro-batch, splices its grad-tracking features into the cache and backpropagates the FULL
@@ -19,9 +21,10 @@ loss. That computes the K x B loss K times, and every parameter the loss reaches
 logit scale and bias) collects its gradient K times: K-fold too large unless divided out. Here
 the loss runs once and the scalars' gradient is taken once, from that single loss.
 
-The cost is one extra forward pass per micro-batch (about +1/3 of a step's compute). Dropout
-and other random layers draw the same masks in both passes: the RNG state before each
-micro-batch's first forward is restored for its second. Layers whose output depends on the
+The cost is one extra forward pass for K - 1 of the K micro-batches (about +1/4 of the
+compute of a step at K = 4 in fp32, where a backward costs about two forwards). Dropout and
+other random layers draw the same masks in both passes: the RNG state before a micro-batch's
+first forward is restored for its second. Layers whose output depends on the
 batch (BatchNorm in training mode) would differ between the passes and break exactness.
 """
 
@@ -115,15 +118,17 @@ def grad_cache(
 
     Args:
         micro_batches: the K micro-batches, in order (the rows of the big batch).
-        forward: micro-batch -> `Embedded`, run with grad in the second pass.
+        forward: micro-batch -> `Embedded`, run with grad (the last micro-batch once, the
+            others a second time after the loss).
         loss_fn: (features concatenated over micro-batches, shared) -> scalar loss. It may
             gather across ranks (`clip_loss`): under DDP every rank passes its K x B rows.
-        embed: the first, no-grad pass (default: `forward`). It must give the same features
-            and shared tensors as `forward` (e.g. `forward` without its local loss).
-        backward: (surrogate, is_last) -> None, backpropagates micro-batch i's surrogate
-            (default: `surrogate.backward()`); is_last is True for the last micro-batch (the
-            one whose backward should synchronise gradients under DDP; it also carries the
-            shared tensors' gradient, so its graph reaches every trained parameter).
+        embed: the first, no-grad pass over all but the last micro-batch (default:
+            `forward`). It must give the same features and shared tensors as `forward`, with
+            the same random draws (e.g. `forward` without its local loss).
+        backward: (surrogate, is_last) -> None, backpropagates one micro-batch's surrogate
+            (default: `surrogate.backward()`); is_last is True for the K-th and final call
+            (the one whose backward should synchronise gradients under DDP; it also carries
+            the shared tensors' gradient, so its graph reaches every trained parameter).
 
     Returns:
         the loss, the concatenated features and the summed local losses, all detached.
@@ -133,39 +138,48 @@ def grad_cache(
     embed = embed or forward
     backward = backward or (lambda surrogate, is_last: surrogate.backward())
 
-    # 1. features of every micro-batch, no activations kept
+    # 1. features of every micro-batch; no activations kept, except the last micro-batch's:
+    # its forward runs with grad and its graph waits for step 3 (K - 1 forwards run twice)
     cached: list[_Cached] = []
     features: list[tuple[Tensor, ...]] = []
-    shared: tuple[Tensor, ...] = ()
     for i, batch in enumerate(micro_batches):
         rng = _RngState()
-        with torch.no_grad():
-            out = embed(batch)
+        if i < len(micro_batches) - 1:
+            with torch.no_grad():
+                out = embed(batch)
+        else:
+            kept = out = forward(batch)
         if not out.features:
             raise ValueError("grad_cache needs at least one feature tensor per micro-batch")
         features.append(tuple(f.detach() for f in out.features))
-        if i == 0:
-            shared = tuple(s.detach() for s in out.shared)
         cached.append(_Cached(batch, rng, out.features[0].shape[0]))
 
     # 2. the loss once, on leaves: gradients of the features and shared tensors
     leaves = tuple(_leaf(torch.cat(parts)) for parts in zip(*features, strict=True))
-    shared_leaves = tuple(_leaf(s) for s in shared)
+    shared_leaves = tuple(_leaf(s) for s in kept.shared)
     with torch.enable_grad():
         loss = loss_fn(leaves, shared_leaves)
         grads = torch.autograd.grad(loss, leaves + shared_leaves, allow_unused=True)
     feature_grads, shared_grads = grads[: len(leaves)], grads[len(leaves) :]
+    offsets = [0]
+    for item in cached:
+        offsets.append(offsets[-1] + item.rows)
     del features
 
-    # 3. each micro-batch again with grad: backpropagate its slice of the cached gradients
+    # 3. backpropagate each micro-batch's slice of the cached gradients: the kept graph
+    # first, then the others run again with grad (the same random draws); the last backward
+    # (the one to synchronise under DDP) also carries the shared tensors' gradient
     local_total = None
-    start = 0
-    for i, item in enumerate(cached):
-        last = i == len(cached) - 1
-        rows = slice(start, start + item.rows)
-        start += item.rows
-        with item.rng.replayed():
-            out = forward(item.batch)
+    order = [len(cached) - 1, *range(len(cached) - 1)]
+    for n, i in enumerate(order):
+        last = n == len(order) - 1
+        if n == 0:
+            out = kept
+            del kept
+        else:
+            with cached[i].rng.replayed():
+                out = forward(cached[i].batch)
+        rows = slice(offsets[i], offsets[i + 1])
         surrogate = _surrogate(
             out.features, [None if g is None else g[rows] for g in feature_grads]
         )
