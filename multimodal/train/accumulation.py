@@ -18,14 +18,15 @@ own micro-batch. `grad_cache` instead
 Why not open_clip's `accum_freq`: it also caches features without grad, but then, for each
 micro-batch, splices its grad-tracking features into the cache and backpropagates the FULL
 loss. That computes the K x B loss K times, and every parameter the loss reaches directly (the
-logit scale and bias) collects its gradient K times: K-fold too large unless divided out. Here
-the loss runs once and the scalars' gradient is taken once, from that single loss.
+logit scale and bias) collects its gradient K times: K-fold too large unless divided out (and
+the re-run forwards draw new dropout masks, so features and cache disagree). Here the loss
+runs once and the scalars' gradient is taken once, from that single loss.
 
 The cost is one extra forward pass for K - 1 of the K micro-batches (about +1/4 of the
 compute of a step at K = 4 in fp32, where a backward costs about two forwards). Dropout and
 other random layers draw the same masks in both passes: the RNG state before a micro-batch's
-first forward is restored for its second. Layers whose output depends on the
-batch (BatchNorm in training mode) would differ between the passes and break exactness.
+first forward is restored for its second. Layers whose output depends on the batch
+(BatchNorm in training mode) would differ between the passes and break exactness.
 """
 
 from __future__ import annotations
