@@ -31,6 +31,7 @@ bench: install
 	$(PY) bench/loader.py
 	$(PY) bench/clip_step.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/mfu.py
 	$(PY) bench/accumulation.py
 	$(PY) bench/fsdp.py
 

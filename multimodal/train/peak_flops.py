@@ -54,21 +54,42 @@ def table_peak(kind: str, dtype: torch.dtype) -> float:
     return PEAK_FLOPS[kind][name]
 
 
-@cache
-def calibrated_cpu_peak(dtype: torch.dtype = torch.float32, size: int = 512) -> float:
-    """FLOP/s of this process's CPU on square matmuls in `dtype`, measured once per process
-    (best of a few ~50 ms rounds, with the current torch thread count)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b  # warm up the kernels
+def measure_matmul_flops(
+    dtype: torch.dtype = torch.float32, size: int = 1024, device: str | torch.device = "cpu"
+) -> float:
+    """FLOP/s of square `size` matmuls in `dtype` on `device` now: the best of three ~50 ms
+    rounds, after a warm-up."""
+    device = torch.device(device)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b
     best = float("inf")
     for _ in range(3):
         n, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < 0.05:
             a @ b
             n += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         best = min(best, elapsed / n)
     return 2 * size**3 / best
+
+
+@cache
+def calibrated_cpu_peak(dtype: torch.dtype = torch.float32) -> float:
+    """This process's CPU peak in `dtype` with the current torch thread count, measured once
+    per process: square matmuls from 256 wide, doubled up to 1024 while one takes under 50 ms
+    (small matmuls underrate a CPU; slow dtypes, such as bf16 without AMX, stop early)."""
+    size = 256
+    while size < 1024:
+        a = torch.randn(size, size, dtype=dtype)
+        a @ a  # warm-up
+        start = time.perf_counter()
+        a @ a
+        if time.perf_counter() - start >= 0.05:
+            break
+        size *= 2
+    return measure_matmul_flops(dtype, size)
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
