@@ -21,6 +21,7 @@ def clip_loss(
     *,
     local_loss: bool = False,
     gather_with_grad: bool = True,
+    across_ranks: bool = True,
 ) -> Tensor:
     """Symmetric InfoNCE of CLIP, as open_clip's `ClipLoss` with the same flags.
 
@@ -43,10 +44,14 @@ def clip_loss(
         logit_scale: scalar multiplier s (exp of the learnable log temperature).
         local_loss: compute only the local rows against the gathered columns.
         gather_with_grad: autograd-aware gather (see `gather_features`).
+        across_ranks: False: this rank's batch alone, no collective (validation, whose ranks
+            may hold different numbers of batches and items).
     """
-    rank, world = rank_and_world()
-    all_images = gather_features(image_features, with_grad=gather_with_grad)  # (N, D)
-    all_texts = gather_features(text_features, with_grad=gather_with_grad)  # (N, D)
+    rank, all_images, all_texts = 0, image_features, text_features
+    if across_ranks:
+        rank, _ = rank_and_world()
+        all_images = gather_features(image_features, with_grad=gather_with_grad)  # (N, D)
+        all_texts = gather_features(text_features, with_grad=gather_with_grad)  # (N, D)
     if local_loss:
         logits_per_image = logit_scale * image_features @ all_texts.T  # (B, N)
         logits_per_text = logit_scale * text_features @ all_images.T  # (B, N)
@@ -66,6 +71,8 @@ def siglip_loss(
     text_features: Tensor,
     logit_scale: Tensor | float,
     logit_bias: Tensor | float,
+    *,
+    across_ranks: bool = True,
 ) -> Tensor:
     """Pairwise sigmoid loss of SigLIP (Zhai et al. 2023), normalised by the local batch.
 
@@ -80,10 +87,13 @@ def siglip_loss(
         text_features: (B, D) local, L2-normalised.
         logit_scale: scalar multiplier s (already exponentiated).
         logit_bias: scalar bias b.
+        across_ranks: False: this rank's batch alone, no collective (validation).
     """
-    rank, _ = rank_and_world()
+    rank, all_texts = 0, text_features
+    if across_ranks:
+        rank, _ = rank_and_world()
+        all_texts = gather_features(text_features, with_grad=True)  # (N, D)
     b = image_features.shape[0]
-    all_texts = gather_features(text_features, with_grad=True)  # (N, D)
     logits = logit_scale * image_features @ all_texts.T + logit_bias  # (B, N)
     idx = torch.arange(b, device=logits.device)
     signs = -torch.ones_like(logits)

@@ -127,8 +127,11 @@ class Captioning(AccumulatingTask):
         loss = losses["caption_loss"] + self.aux_loss_weight * out.aux_loss
         if out.image_features is not None:
             # the text tower sees the caption without its last token: the decoder's input
-            losses["contrastive_loss"] = clip_loss(
-                out.image_features.float(), out.text_features.float(), out.logit_scale
+            losses["contrastive_loss"] = clip_loss(  # this rank's batch alone in evaluation
+                out.image_features.float(),
+                out.text_features.float(),
+                out.logit_scale,
+                across_ranks=self.training,
             )
             loss = loss + self.contrastive_weight * losses["contrastive_loss"]
         losses["loss"] = loss

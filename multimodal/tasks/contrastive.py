@@ -148,16 +148,22 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
         return itm_loss(logits.float(), pairs.labels), accuracy
 
     def loss(self, out: CLIPOutput) -> Tensor:
+        """The contrastive loss over the global batch in training; in evaluation over this
+        rank's batch (evaluation ranks may hold different numbers of batches and items, so no
+        collective may run per step)."""
         image, text = out.image_features.float(), out.text_features.float()
         if self.loss_name == "siglip":
             assert out.logit_bias is not None
-            return siglip_loss(image, text, out.logit_scale, out.logit_bias)
+            return siglip_loss(
+                image, text, out.logit_scale, out.logit_bias, across_ranks=self.training
+            )
         return clip_loss(
             image,
             text,
             out.logit_scale,
             local_loss=self.local_loss,
             gather_with_grad=self.gather_with_grad,
+            across_ranks=self.training,
         )
 
     def _step(self, batch: Batch, stage: str) -> Tensor:
