@@ -95,10 +95,11 @@ class ThroughputMonitor(Callback):
     Keys (`throughput/...` summed or averaged over ranks, `throughput/device/...` this rank's):
     `samples_per_sec`, `image_tokens_per_sec` (patches), `text_tokens_per_sec` (real tokens
     from the attention masks), `tflops_per_sec`, `mfu` (achieved / peak FLOP/s), `step_time`
-    (seconds from one batch end to the next), `data_wait` (fraction of the step time spent
-    between a batch end and the next batch start: loading and host-to-device copy). Rates
-    are over the window since the last log; the first step of every epoch and validation
-    runs are left out. Keys that do not apply (no images, unknown peak) are not logged.
+    (seconds per optimizer step, batch end to batch end), `data_wait` (the fraction of that
+    time between a batch end and the next batch start: loading and host-to-device copy).
+    Rates are over the window since the last log; the first step of every epoch and
+    validation runs are left out. Keys that do not apply (no images, unknown peak) are not
+    logged.
 
     FLOPs are counted once, on the first training batch, as forward + backward FLOPs per
     sample (recomputation under activation checkpointing counts too), and assumed the same
@@ -171,7 +172,7 @@ class ThroughputMonitor(Callback):
             torch.cuda.synchronize(trainer.strategy.root_device)  # time finished work only
         now = time.perf_counter()
         if self._prev_end is not None:
-            self._steps += 1
+            self._steps += int(stepped)  # optimizer steps: micro-batches accumulate
             self._time += now - self._prev_end
             self._wait += self._batch_start - self._prev_end
             self._samples += counts.samples

@@ -105,3 +105,29 @@ def test_gpu_names_map_to_the_table():
     assert gpu_kind("NVIDIA A100-SXM4-80GB") == "a100"
     assert gpu_kind("Tesla T4") is None
     assert all(peaks["bf16"] > peaks["tf32"] > peaks["fp32"] for peaks in PEAK_FLOPS.values())
+
+
+def test_ddp_logs_device_and_global_figures():
+    """Two gloo processes in lockstep: the global rates are the sum of two nearly equal
+    per-device rates, the token/sample ratio survives the reduction, MFU uses both peaks."""
+    transformer = TransformerConfig(dim=32, n_layers=1, n_heads=2, causal=True, position="rope")
+    task = CausalLM(DecoderLM(TextConfig(vocab_size=128, transformer=transformer)))
+    callback = ThroughputMonitor(peak_flops=1e9)
+    trainer = quiet_trainer(
+        max_steps=4, log_every_n_steps=2, precision="32-true", callbacks=[callback],
+        strategy="ddp_spawn", devices=2,
+    )  # fmt: skip
+    trainer.fit(task, lm_loader(n=32))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    device, total = (
+        metrics["throughput/device/samples_per_sec"],
+        metrics["throughput/samples_per_sec"],
+    )
+    assert total == pytest.approx(2 * device, rel=0.25)
+    assert metrics["throughput/text_tokens_per_sec"] == pytest.approx(SEQ * total)
+    assert metrics["throughput/mfu"] == pytest.approx(
+        metrics["throughput/tflops_per_sec"] * 1e12 / (2 * 1e9)
+    )
+    assert metrics["throughput/device/mfu"] == pytest.approx(
+        metrics["throughput/device/tflops_per_sec"] * 1e12 / 1e9
+    )
