@@ -22,7 +22,6 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from multimodal.checkpoint_check import check_lightning_checkpoint
@@ -30,6 +29,7 @@ from multimodal.console import LineProgressBar, one_line, quiet_third_party, std
 from multimodal.runs import (
     LAST,
     RunFolder,
+    RunLogger,
     WallClock,
     check_fresh_start,
     check_run_name,
@@ -124,7 +124,7 @@ class PlatformParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(
-            f"{prog}: error: {one_line(message)}\n(`{prog} --help` lists the options)\n"
+            f"{prog}: error: {one_line(message)}  (`{prog} --help` lists the options)\n"
         )
         sys.exit(EXIT_BAD_INPUT)
 
@@ -207,7 +207,7 @@ class PlatformCLI(LightningCLI):
             kwargs.setdefault("default_root_dir", str(self.run_dir))
             if trainer_config.get("logger") in (None, True):
                 version = "" if self.subcommand in (None, "fit") else self.subcommand
-                kwargs["logger"] = CSVLogger(save_dir=str(self.run_dir), name="", version=version)
+                kwargs["logger"] = RunLogger(self.run_dir, version)
         callbacks = list(trainer_config.get("callbacks") or [])
         wants_bar = trainer_config.get("enable_progress_bar") in (None, True)
         has_bar = any(isinstance(c, ProgressBar) for c in callbacks)

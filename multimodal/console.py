@@ -31,6 +31,8 @@ NOTICES: tuple[tuple[str, str], ...] = (
     (r"Your `IterableDataset` has `__len__` defined", r"lightning\."),
     # the summary counts parameters in fp32 under bf16-mixed: the count is right, MB approximate
     (r"Precision .* is not supported by the model summary", r"lightning\."),
+    # a resumed run writes into its own folder; a fresh fit refuses one with checkpoints
+    (r"Checkpoint directory .* exists and is not empty", r"lightning\."),
 )
 # prefixes of Lightning log records (rank_zero_info) that advertise other products
 LOG_NOTICES: tuple[str, ...] = ("💡 Tip:",)

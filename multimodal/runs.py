@@ -17,6 +17,7 @@ that already holds checkpoints, and a start that fails removes the folder it cre
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -27,6 +28,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from multimodal.console import metric_pairs
 
@@ -105,6 +109,32 @@ class RunFolder:
             return False
         shutil.rmtree(self.created, ignore_errors=True)
         return True
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued (its header
+    kept) instead of deleted: a resumed run keeps the metrics of its earlier part."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(next(csv.reader(file), []))
+
+
+class RunLogger(CSVLogger):
+    """CSVLogger writing `metrics.csv` and `hparams.yaml` straight into a run folder
+    (no name / version levels) and appending to an existing metrics.csv when a run resumes."""
+
+    def __init__(self, run_dir: str | os.PathLike, subfolder: str = "") -> None:
+        super().__init__(save_dir=str(run_dir), name="", version=subfolder)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def summary_lines(trainer: pl.Trainer, run_dir: Path | None, seconds: float) -> list[str]:

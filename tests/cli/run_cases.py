@@ -1,19 +1,37 @@
 """Runs several `multimodal` command lines in one process (one interpreter start instead of
 one a case) and writes, for each, its exit status and everything it printed:
-`python -m tests.cli.run_cases CASES.json RESULTS.json`, CASES a list of argv lists."""
+`python -m tests.cli.run_cases CASES.json RESULTS.json`, CASES a list of argv lists;
+`run_cases(cases, cwd)` does it from a test."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import subprocess
 import sys
 import traceback
+from pathlib import Path
 
-from multimodal.cli import main
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cases(cases: list[list[str]], cwd: Path) -> list[dict]:
+    """Each case's `argv`, exit `status` (an int, or "uncaught" with the traceback in stderr),
+    `stdout` and `stderr`, from one subprocess in `cwd` (stdout not a TTY)."""
+    (cwd / "cases.json").write_text(json.dumps(cases))
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.cli.run_cases", "cases.json", "results.json"],
+        cwd=cwd, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((cwd / "results.json").read_text())
 
 
 def run_case(argv: list[str]) -> dict:
+    from multimodal.cli import main
+
     out, err = io.StringIO(), io.StringIO()
     status: int | str = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -65,12 +65,12 @@ def test_sbatch_script_forms_one_two_rank_run(tmp_path):
         ["bash", str(CONFIGS / "cluster/slurm.sbatch"), str(CONFIGS / "smoke/boring.yaml"),
          "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
          "--trainer.default_root_dir", str(tmp_path / "runs"),
-         "--trainer.callbacks+=tests.cli.rank_report.RankReport"],
+         "--trainer.callbacks+=tests.cli.rank_report.RankReport", "--run-name", "two_ranks"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     logs = "".join(p.read_text() for p in sorted(tmp_path.glob("task*.log")))
     assert result.returncode == 0, result.stderr[-2000:] + logs[-3000:]
-    run_dir = tmp_path / "runs/boring"  # the config's name
+    run_dir = tmp_path / "runs/two_ranks"  # <default_root_dir>/<--run-name>
     reports = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank, report in enumerate(reports):
         assert report["global_rank"] == rank and report["world_size"] == 2, report

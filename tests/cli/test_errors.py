@@ -3,30 +3,16 @@ traceback. The cases run in one interpreter (tests/cli/run_cases.py) to pay one 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import CONFIGS, ROOT
+from tests.cli.run_cases import run_cases
+from tests.helpers import CONFIGS
 
 CLIP = str(CONFIGS / "clip/digits.yaml")
 BORING = str(CONFIGS / "smoke/boring.yaml")
-
-
-def run_cases(cases: list[list[str]], cwd: Path) -> list[dict]:
-    """Every case's exit status and captured output (see tests/cli/run_cases.py)."""
-    (cwd / "cases.json").write_text(json.dumps(cases))
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.cli.run_cases", "cases.json", "results.json"],
-        cwd=cwd, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((cwd / "results.json").read_text())
 
 
 def assert_one_line_error(result: dict, *expected: str) -> str:
