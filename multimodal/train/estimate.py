@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -36,6 +37,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torchmetrics import Metric
 
 from multimodal.train.flop_count import flop_counter
 from multimodal.train.peak_flops import PEAK_FLOPS, calibrated_cpu_peak, compute_dtype, table_peak
@@ -219,9 +221,16 @@ def block_parameters(task: nn.Module) -> tuple[int, int]:
 
 
 def one_batch(datamodule: Any) -> Any:
-    """The first training batch of the datamodule."""
-    datamodule.setup("fit")
-    return next(iter(datamodule.train_dataloader()))
+    """The first training batch of the datamodule (the estimate's input shapes)."""
+    try:
+        datamodule.setup("fit")
+        return next(iter(datamodule.train_dataloader()))
+    except (OSError, ValueError, StopIteration) as error:
+        raise ValueError(
+            f"the estimate reads one training batch for its shapes, and the data gave none "
+            f"({type(error).__name__}: {error}); point the config's data at a few samples, e.g. "
+            f"--data.init_args.train_urls DIR (any images of the right kind: they are resized)"
+        ) from error
 
 
 def batch_size_of(batch: Any) -> int:
@@ -277,6 +286,36 @@ def saved_activations(exclude: set[int]) -> Iterator[dict[int, int]]:
         yield saved
 
 
+def to_fake(task: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """`task` (on the meta device) with fake CPU tensors in place, tied parameters (a tied
+    embedding and output projection) still tied: `to_empty` gives each owner its own."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in task.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, name))
+    with mode:
+        task.to_empty(device="cpu")
+    for (first, first_name), *others in owners.values():
+        for module, name in others:
+            module._parameters[name] = first._parameters[first_name]
+    return task
+
+
+@contextmanager
+def metrics_skipped(task: nn.Module) -> Iterator[None]:
+    """torchmetrics metrics called in the step return 0 instead: they select entries by value
+    (data-dependent shapes, which fake tensors cannot have) and hold no training memory."""
+    metrics = [m for m in task.modules() if isinstance(m, Metric)]
+    for metric in metrics:
+        metric.forward = lambda *args, **kwargs: torch.zeros(())
+    try:
+        yield
+    finally:
+        for metric in metrics:
+            del metric.forward
+
+
 def measure_step(
     task: LightningModule, batch: Any, precision: str, sizes: tuple[int, ...]
 ) -> list[StepMeasure]:
@@ -286,14 +325,18 @@ def measure_step(
     rows = batch_size_of(batch)
     if precision.endswith("-true"):
         task = task.to(compute_dtype(precision))  # still on the meta device
-    with mode:
-        fake = task.to_empty(device="cpu")
+    fake = to_fake(task, mode)
     params = {p.untyped_storage()._cdata for p in fake.parameters()}
     fake.train()
     results = []
     for size in sizes:
         step_batch = resize_batch(batch, size, rows, lambda t: mode.from_tensor(t))
-        with mode, saved_activations(params) as saved, flop_counter() as counter:
+        with (
+            mode,
+            metrics_skipped(fake),
+            saved_activations(params) as saved,
+            flop_counter() as counter,
+        ):
             with _autocast(precision), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # self.log without a Trainer
                 out = fake.training_step(step_batch, 0)
@@ -410,6 +453,10 @@ def main(argv: list[str]) -> int:
     own, rest = parser.parse_known_args(argv)
     if not 0 < own.mfu <= 1:
         parser.error(f"--mfu={own.mfu} must be in (0, 1]")
-    memory = parse_memory(own.device_memory)
-    print(report(estimate_config(rest), memory, own.mfu, own.device))
+    try:
+        memory = parse_memory(own.device_memory)
+        print(report(estimate_config(rest), memory, own.mfu, own.device))
+    except ValueError as error:
+        print(f"multimodal estimate: error: {error}", file=sys.stderr)
+        return 2
     return 0

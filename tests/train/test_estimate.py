@@ -124,3 +124,15 @@ def test_memory_sizes_and_world_size():
     assert world_size({"devices": "0,1,2", "num_nodes": 1}) == 3
     assert world_size({"devices": [0, 1], "num_nodes": 3}) == 6
     assert world_size({"devices": "auto"}) == 1
+
+
+def test_gpt_estimate_counts_tied_weights_once_and_skips_metrics():
+    """A causal LM task (torchmetrics accuracy in its step, a tied embedding): parameters as
+    the real model counts them, FLOPs per sample as 6 x matmul weights x tokens + attention."""
+    from tests.helpers import cli_from_config
+
+    est = estimate_config(["--config", str(CONFIGS / "text/gpt_reverse.yaml")])
+    real = cli_from_config("text/gpt_reverse.yaml").model
+    assert est.n_params == sum(p.numel() for p in real.parameters())
+    assert "model.lm_head" not in est.towers  # tied to model.embed
+    assert est.flops_per_sample > 6 * sum(p.numel() for p in real.parameters() if p.dim() == 2)
