@@ -36,6 +36,8 @@ def results(demo_shards, tmp_path_factory):
     (cwd / "random.ckpt").write_bytes(bytes(range(7, 256)) * 16)
     torch.save({"weight": torch.ones(2)}, cwd / "weights.pt")  # a torch file, not Lightning's
     torch.save({"state_dict": {}, "epoch": 0, "global_step": 0, "x": Path("a")}, cwd / "obj.ckpt")
+    (cwd / "earlier/digits/checkpoints").mkdir(parents=True)  # an earlier run's folder
+    (cwd / "earlier/digits/checkpoints/last.ckpt").write_bytes(b"")
     test = str(demo_shards / "test")
     zeroshot = ["zeroshot", "--data", test, "--num-workers", "0", "--no-progress"]
     cases = {
@@ -55,6 +57,8 @@ def results(demo_shards, tmp_path_factory):
         "wrong classes": [*zeroshot, "--checkpoint", "random.ckpt", "--classes", "cifar10"],
         "command typo": ["zeroshoot", "--data", test],
         "option typo": ["fit", "--config", BORING, "--trainer.max_stepz", "3"],
+        "run exists": ["fit", "--config", CLIP, "--trainer.default_root_dir", "earlier"],
+        "bad run name": ["fit", "--config", CLIP, "--run-name", "my run"],
     }  # fmt: skip
     found = run_cases(list(cases.values()), cwd)
     return {"cwd": cwd, **dict(zip(cases, found, strict=True))}
@@ -91,3 +95,9 @@ def test_class_lists_are_checked_by_name_and_against_the_shards(results):
 
 def test_a_mistyped_command_suggests_the_nearest(results):
     assert_one_line_error(results["command typo"], "'zeroshoot'", "multimodal zeroshot")
+
+
+def test_a_fresh_fit_refuses_an_earlier_runs_folder_and_bad_names(results):
+    line = assert_one_line_error(results["run exists"], "earlier/digits", "already holds")
+    assert "--ckpt_path last" in line and "--run-name" in line
+    assert_one_line_error(results["bad run name"], "'my run'")
