@@ -809,6 +809,8 @@ class ShardPipeline(IterableDataset):
         ]
         if self.planned:
             segments, batches, full = streams[0].planned(config, slot, epoch)
+            if not config.training:  # evaluation: every item of the slot's samples, no quota
+                batches = None
             return _read_segments(self.shards[0], segments, state, patience), batches, full
         total = self.batches_per_rank()
         quota = None if total is None else worker_batches(total, workers, worker)

@@ -166,7 +166,8 @@ def test_ddp_epochs_are_one_pass_and_a_sigkilled_job_resumes_exactly(uneven, tmp
     # a job preempted hard in epoch 1: the recorder SIGKILLs every process after step 14
     killed = fit(uneven, tmp_path / "killed", *DDP, kill_at_step=14, new_session=True)
     assert killed.returncode == -signal.SIGKILL
-    assert [s["step"] for s in read_records(tmp_path / "killed" / "record")[0]["train"]][-1] == 14
+    for rank in read_records(tmp_path / "killed" / "record"):  # the first rank there killed all
+        assert rank["train"][-1]["step"] in (13, 14)
     (last,) = (tmp_path / "killed" / "ckpt").glob("*step=12.ckpt")  # every 3 steps
     ok(fit(uneven, tmp_path / "resumed", *DDP, "--ckpt_path", str(last)))
     assert_same_continuation(full, read_records(tmp_path / "resumed" / "record"), step=12)
