@@ -131,3 +131,23 @@ def test_a_failed_start_removes_only_what_it_created(tmp_path):
     assert not kept.remove_if_unused() and Path(tmp_path / "runs/clip/digits").is_dir()
     existing = RunFolder(tmp_path / "runs/clip/digits")
     assert existing.created is None and not existing.remove_if_unused()
+
+
+def test_more_cpu_processes_than_cores_warn_once(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from multimodal.cli import warn_if_processes_exceed_cores
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cpu = CPUAccelerator()
+    for devices, rank_zero in ((3, True), (2, True), (3, False)):
+        trainer = SimpleNamespace(accelerator=cpu, is_global_zero=rank_zero, num_devices=devices)
+        warn_if_processes_exceed_cores(trainer)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "warning: --trainer.devices 3 starts 3 processes on 2 CPU cores: each gets less than a "
+        "core, so the run is slower than with --trainer.devices 2"
+    ]
