@@ -78,18 +78,16 @@ def measure_matmul_flops(
 @cache
 def calibrated_cpu_peak(dtype: torch.dtype = torch.float32) -> float:
     """This process's CPU peak in `dtype` with the current torch thread count, measured once
-    per process: square matmuls from 256 wide, doubled up to 1024 while one takes under 50 ms
-    (small matmuls underrate a CPU; slow dtypes, such as bf16 without AMX, stop early)."""
-    size = 256
-    while size < 1024:
-        a = torch.randn(size, size, dtype=dtype)
-        a @ a  # warm-up
-        start = time.perf_counter()
-        a @ a
-        if time.perf_counter() - start >= 0.05:
-            break
-        size *= 2
-    return measure_matmul_flops(dtype, size)
+    per process on square matmuls: 1024 wide in fp32 (smaller ones underrate a CPU 2-3x),
+    256 or 512 in 16-bit dtypes (slow without AMX: 1024 would take seconds)."""
+    if torch.finfo(dtype).bits > 16:
+        return measure_matmul_flops(dtype, 1024)
+    a = torch.randn(256, 256, dtype=dtype)
+    a @ a  # warm-up
+    start = time.perf_counter()
+    a @ a
+    fast = time.perf_counter() - start < 0.005
+    return measure_matmul_flops(dtype, 512 if fast else 256)
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
