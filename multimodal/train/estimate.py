@@ -389,6 +389,10 @@ def _gib(n: float) -> str:
     return f"{n / GiB:8.2f} GiB"
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:8.2f} MiB"
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:10.2f} M"
 
@@ -411,9 +415,9 @@ def report(est: Estimate, memory: float, mfu: float, device: str) -> str:
         lines.append(f"    {f'activations (batch {b})':<28}{_gib(est.activations(b))}")
         lines.append(f"    {'peak':<28}{_gib(est.peak(strategy, b))}")
     lines.append("\nactivations (saved for backward, measured on fake tensors)")
-    lines.append(f"  {'per sample':<30}{_gib(est.activation_per_sample)}")
-    lines.append(f"  {'fixed (autocast weight copies)':<30}{_gib(est.activation_fixed)}")
-    lines.append(f"  {'input batch per sample':<30}{_gib(est.batch_bytes_per_sample)}")
+    lines.append(f"  {'per sample':<30}{_mib(est.activation_per_sample)}")
+    lines.append(f"  {'fixed (autocast weight copies)':<30}{_mib(est.activation_fixed)}")
+    lines.append(f"  {'input batch per sample':<30}{_mib(est.batch_bytes_per_sample)}")
     lines.append("\nflops (forward + backward)")
     lines.append(f"  {'per sample':<30}{est.flops_per_sample / 1e9:10.2f} GFLOP")
     lines.append(
