@@ -9,11 +9,12 @@ the same run; never a timed test.
 The model is bench/clip_step.py's (README): 224 px (or --image-size), patch 32, width 256,
 6 layers; text context 77, width 256, 4 layers; 21.5 M parameters. A step: forward, CLIP loss,
 backward, AdamW, zero_grad, fp32. Each case runs in a fresh process (nothing allocated before
-it): one warm-up step (AdamW allocates its state), then the step whose peak extra resident
-memory is measured (VmHWM over VmRSS just before it, bench/fresh_process.py), then repeats - 1
-more; the time is the median. Both processes build the same model and batch, so their first
-losses agree (printed): the accumulated step IS the big-batch step. On a machine shared with
-other work, `--threads 1 --clock cpu` (process CPU time of one thread) is nearly blind to it.
+it): memory is the peak extra resident memory (VmHWM over VmRSS just before it,
+bench/fresh_process.py) of the step after a warm-up step; times are medians of repeats in a
+third process, both steps interleaved on one model. Both memory processes build the same
+model and batch, so their first losses agree (printed): the accumulated step IS the
+big-batch step. On a machine shared with other work, `--threads 1 --clock cpu` (process CPU
+time of one thread) is nearly blind to it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,9 @@ from multimodal.train import Embedded, grad_cache
 from text import load_tokenizer
 
 
-def measure(
-    batch: int, accumulate: int, image_size: int, repeats: int, threads: int, clock: str
-) -> dict:
-    """Peak extra memory (MiB) and median time (s) of a step on `batch` samples split into
-    `accumulate` micro-batches (1: the whole batch at once)."""
+def make_step(batch: int, accumulate: int, image_size: int, threads: int, clock: str):
+    """A step function -> (seconds, loss) on `batch` samples split into `accumulate`
+    micro-batches (1: the whole batch at once), and one for the whole batch, on one model."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     clip_step.IMAGE = {**clip_step.IMAGE, "image_size": image_size}  # what build_ours reads
@@ -55,9 +54,9 @@ def measure(
     def loss_fn(features: tuple[torch.Tensor, ...], shared: tuple[torch.Tensor, ...]):
         return clip_loss(features[0], features[1], shared[0])
 
-    def step() -> tuple[float, float]:
+    def step(k: int) -> tuple[float, float]:
         start = CLOCKS[clock]()
-        if accumulate == 1:
+        if k == 1:
             out = embed(inputs)
             loss = loss_fn(out.features, out.shared)
             loss.backward()
@@ -67,11 +66,28 @@ def measure(
         optimizer.zero_grad(set_to_none=True)
         return CLOCKS[clock]() - start, float(loss)
 
-    _, first_loss = step()  # warm-up: AdamW's state
-    with peak_memory() as peak:
-        seconds, _ = step()
-    times = [seconds] + [step()[0] for _ in range(repeats - 1)]
-    return {"peak_mib": peak["mib"], "step_s": statistics.median(times), "loss": first_loss}
+    return step
+
+
+def measure(what: str, batch: int, accumulate: int, image_size: int, *rest) -> dict:
+    """In a fresh process. "memory": the peak extra memory (MiB) of a step after a warm-up
+    step (AdamW allocates its state) and the first loss. "time": median seconds of the big
+    batch's step and the accumulated one, interleaved so that drifts hit both."""
+    if what == "memory":
+        (threads,) = rest
+        step = make_step(batch, accumulate, image_size, threads, "wall")
+        _, loss = step(accumulate)
+        with peak_memory() as peak:
+            step(accumulate)
+        return {"peak_mib": peak["mib"], "loss": loss}
+    repeats, threads, clock = rest
+    step = make_step(batch, accumulate, image_size, threads, clock)
+    step(1), step(accumulate)  # warm-up
+    times: dict[int, list[float]] = {1: [], accumulate: []}
+    for _ in range(repeats):
+        for k in times:
+            times[k].append(step(k)[0])
+    return {"big_s": statistics.median(times[1]), "acc_s": statistics.median(times[accumulate])}
 
 
 def main() -> None:
@@ -83,18 +99,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
     args = parser.parse_args()
-    k, n = args.accumulate, args.batch
-    common = (args.image_size, args.repeats, args.threads, args.clock)
+    k, n, size = args.accumulate, args.batch, args.image_size
     print(
-        f"CLIP step (fwd + loss + bwd + AdamW), clip_step's model at {args.image_size} px, fp32, "
+        f"CLIP step (fwd + loss + bwd + AdamW), clip_step's model at {size} px, fp32, "
         f"CPU, {args.threads} threads, {args.clock} clock, torch {torch.__version__}"
     )
-    big = run_in_fresh_process("accumulation", n, 1, *common)
-    acc = run_in_fresh_process("accumulation", n, k, *common)
+    big = run_in_fresh_process("accumulation", "memory", n, 1, size, args.threads)
+    acc = run_in_fresh_process("accumulation", "memory", n, k, size, args.threads)
+    times = run_in_fresh_process(
+        "accumulation", "time", n, k, size, args.repeats, args.threads, args.clock
+    )
     print(f"{'step':<28} {'peak extra MiB':>15} {'step s':>8} {'first loss':>11}")
-    for label, r in ((f"one batch of {n}", big), (f"accumulate {k} x {n // k}", acc)):
-        print(f"{label:<28} {r['peak_mib']:>15.0f} {r['step_s']:>8.2f} {r['loss']:>11.5f}")
-    memory, speed = acc["peak_mib"] / big["peak_mib"], acc["step_s"] / big["step_s"]
+    for label, r, t in (
+        (f"one batch of {n}", big, times["big_s"]),
+        (f"accumulate {k} x {n // k}", acc, times["acc_s"]),
+    ):
+        print(f"{label:<28} {r['peak_mib']:>15.0f} {t:>8.2f} {r['loss']:>11.5f}")
+    memory, speed = acc["peak_mib"] / big["peak_mib"], times["acc_s"] / times["big_s"]
     print(
         f"accumulated / big batch: memory {memory:.2f}x (goal <= 0.5x), "
         f"time {speed:.2f}x (goal <= 1.3x); |loss difference| {abs(acc['loss'] - big['loss']):.1e}"
