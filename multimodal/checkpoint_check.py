@@ -20,6 +20,7 @@ import torch
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOLS = range(2, 6)  # torch's legacy format: a pickle with protocol 2..5
 LIGHTNING_KEYS = ("state_dict", "epoch", "global_step")
+DISTRIBUTED_METADATA = "meta.pt"  # Lightning's ModelParallelStrategy checkpoint folders
 
 
 def check_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
@@ -28,8 +29,13 @@ def check_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    if not path.is_file():
-        raise ValueError(f"{what} {str(path)!r} is a directory, not a checkpoint file")
+    if path.is_dir():
+        if (path / DISTRIBUTED_METADATA).is_file() or (path / ".metadata").is_file():
+            return path  # a sharded (FSDP / distributed) checkpoint folder
+        raise ValueError(
+            f"{what} {str(path)!r} is a folder but not a distributed checkpoint (no "
+            f"{DISTRIBUTED_METADATA} or .metadata in it)"
+        )
     with path.open("rb") as file:
         head = file.read(4)
     if not head:
@@ -71,6 +77,8 @@ def check_lightning_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     not a torch file, holds other Python objects (never unpickled), or is a torch file that
     Lightning did not write (a bare state dict, a whole pickled model)."""
     path = check_torch_file(path)
+    if path.is_dir():
+        return {}  # read by the strategy, shard by shard
     mmap = zipfile.is_zipfile(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

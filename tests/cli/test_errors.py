@@ -101,3 +101,14 @@ def test_a_fresh_fit_refuses_an_earlier_runs_folder_and_bad_names(results):
     line = assert_one_line_error(results["run exists"], "earlier/digits", "already holds")
     assert "--ckpt_path last" in line and "--run-name" in line
     assert_one_line_error(results["bad run name"], "'my run'")
+
+
+def test_a_checkpoint_folder_must_be_a_sharded_checkpoint(tmp_path):
+    from multimodal.checkpoint_check import DISTRIBUTED_METADATA, check_lightning_checkpoint
+
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="last.ckpt' is a folder but not a distributed"):
+        check_lightning_checkpoint(folder)
+    (folder / DISTRIBUTED_METADATA).write_bytes(b"")  # FSDP2 checkpoints: left to the strategy
+    assert check_lightning_checkpoint(folder) == {}
