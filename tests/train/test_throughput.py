@@ -115,7 +115,7 @@ def test_ddp_logs_device_and_global_figures():
     callback = ThroughputMonitor(peak_flops=1e9)
     trainer = quiet_trainer(
         max_steps=4, log_every_n_steps=2, precision="32-true", callbacks=[callback],
-        strategy="ddp_spawn", devices=2,
+        strategy="ddp_fork", devices=2,
     )  # fmt: skip
     trainer.fit(task, lm_loader(n=32))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
