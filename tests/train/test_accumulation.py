@@ -74,7 +74,7 @@ def grads(model: nn.Module) -> dict[str, Tensor]:
 def assert_same(actual: dict[str, Tensor], expected: dict[str, Tensor], atol: float = 1e-5):
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, atol=atol, rtol=1e-4, msg=name)
+        torch.testing.assert_close(actual[name], value, atol=atol, rtol=1e-5, msg=name)
 
 
 def clip_loss_fn(loss: str):
