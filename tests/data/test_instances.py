@@ -121,6 +121,10 @@ def test_every_caption_is_unique_and_the_training_captions_vary(samples):
             assert captions[0] == caption and len(captions) == len(set(captions)) >= 3
             numeral = caption.replace(f" {DIGIT_NAMES[meta['label']]} ", f" {meta['label']} ")
             assert numeral in captions
+            label = meta["label"]
+            plain = {t.format(name=DIGIT_NAMES[label], digit=label) for t in inst.CLASS_TEMPLATES}
+            assert len(plain & set(captions)) == 2  # two that name only the digit
+            assert not any("small picture" in c for c in captions)
             assert "zeroshot_captions" not in meta
         else:  # retrieval counts exactly this caption
             assert meta["captions"] == [caption]
