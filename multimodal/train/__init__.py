@@ -9,9 +9,6 @@ from multimodal.train.prepare import BlockOptions, prepare_task
 from multimodal.train.throughput import ThroughputMonitor
 
 __all__ = [
-    "Embedded",
-    "GradCacheResult",
-    "grad_cache",
     "BlockOptions",
     "CompileOptions",
     "CompileTimer",
@@ -21,5 +18,8 @@ __all__ = [
     "compile_blocks",
     "prepare_task",
     "shard_model",
+    "Embedded",
+    "GradCacheResult",
+    "grad_cache",
     "ThroughputMonitor",
 ]
