@@ -74,6 +74,7 @@ from multimodal.data.stream_plan import (
     balanced,
     plan_slot,
     rank_ranges,
+    shard_order,
     virtual_segments,
     worker_batches,
 )
@@ -598,9 +599,8 @@ class _SourceStream:
                     shuffle=config.shuffle_shards,
                 )
             else:
-                order = list(range(len(self.shards)))
-                if config.shuffle_shards:
-                    random.Random(f"{self.seed}:{epoch}:{pass_}:shards").shuffle(order)
+                shuffle = config.shuffle_shards
+                order = shard_order(len(self.shards), self.seed, epoch, pass_, shuffle)
                 yield from (_whole(s) for s in order[index::n_slots])
 
     def one_pass(
@@ -608,9 +608,7 @@ class _SourceStream:
     ) -> list[Segment]:
         """Unknown sample counts on one rank: every n-th shard of one pass, to the end."""
         rank, world, worker, workers = slot
-        order = list(range(len(self.shards)))
-        if config.shuffle_shards:
-            random.Random(f"{self.seed}:{epoch}:0:shards").shuffle(order)
+        order = shard_order(len(self.shards), self.seed, epoch, 0, config.shuffle_shards)
         return [_whole(s) for s in order[rank * workers + worker :: world * workers]]
 
 

@@ -56,7 +56,7 @@ class SlotPlan:
         return sum(s.stop - s.start for s in self.segments)
 
 
-def shard_order(n_shards: int, seed: int, epoch: int, pass_: int, shuffle: bool) -> list[int]:
+def shard_order(n_shards: int, seed: int | str, epoch: int, pass_: int, shuffle: bool) -> list[int]:
     """The shard order of one pass: shuffled by (seed, epoch, pass), the same on every rank."""
     order = list(range(n_shards))
     if shuffle:
