@@ -223,6 +223,7 @@ class PlatformCLI(LightningCLI):
 
     def before_fit(self) -> None:
         warn_if_processes_exceed_cores(self.trainer)
+        warn_if_bf16_is_emulated(self.trainer)
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
@@ -245,6 +246,22 @@ def warn_if_processes_exceed_cores(trainer: Trainer) -> None:
             f"than with --trainer.devices {cores}",
             file=sys.stderr,
         )
+
+
+def warn_if_bf16_is_emulated(trainer: Trainer) -> None:
+    """One notice (from the launching process) when a CPU run asks for bf16 and this CPU
+    computes it in software (several times slower than fp32)."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from multimodal.train.cpu_precision import slow_bf16_notice
+
+    if not isinstance(trainer.accelerator, CPUAccelerator) or not trainer.is_global_zero:
+        return
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    notice = slow_bf16_notice(trainer.precision)
+    if notice:
+        print(notice, file=sys.stderr)
 
 
 def _unknown_command(name: str) -> str:

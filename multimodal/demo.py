@@ -100,6 +100,27 @@ def write_data(root: Path, progress: bool = True, variant: str = "digits") -> Pa
     return root
 
 
+def demo_precision(overrides: list[str]) -> list[str]:
+    """`--trainer.precision 32-true` (said on stdout) when this CPU computes bf16 in software
+    and neither the command line nor MULTIMODAL_PRECISION chose a precision: the config's
+    bf16-mixed would make the demo several times slower there. [] otherwise."""
+    import torch
+
+    from multimodal.short_runs import precision_from_env
+    from multimodal.train.cpu_precision import BF16_FLAGS, cpu_has_native_bf16
+
+    chosen = any(a.startswith("--trainer.precision") for a in overrides)
+    if chosen or precision_from_env() or torch.cuda.is_available():
+        return []
+    if cpu_has_native_bf16() is not False:
+        return []
+    print(
+        f"demo: this CPU has no native bf16 ({' or '.join(BF16_FLAGS)}): training in 32-true "
+        "instead of the config's bf16-mixed (--trainer.precision bf16-mixed to insist)"
+    )
+    return ["--trainer.precision", "32-true"]
+
+
 def train(out: Path, data: Path, args: argparse.Namespace):
     """The LightningCLI of the demo config (paths, epochs and workers overridden) after
     fitting; zero-shot accuracy and retrieval recall on the validation split are logged every
@@ -121,7 +142,8 @@ def train(out: Path, data: Path, args: argparse.Namespace):
         overrides += ["--trainer.max_epochs", str(args.epochs)]
     if args.limit_train_batches is not None:
         overrides += ["--trainer.limit_train_batches", str(args.limit_train_batches)]
-    overrides += short_run_overrides()  # MULTIMODAL_MAX_STEPS, for the README test
+    overrides += demo_precision(args.overrides)
+    overrides += short_run_overrides()  # MULTIMODAL_MAX_STEPS / _PRECISION, for the tests
     overrides += args.overrides
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # `demo ...` is not LightningCLI's
         cli = LightningCLI(run=False, args=overrides, save_config_kwargs={"overwrite": True})

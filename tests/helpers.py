@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,23 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from multimodal.short_runs import PRECISION_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+def test_precision() -> list[str]:
+    """`--trainer.precision P` of MULTIMODAL_PRECISION (set by conftest on CPUs that emulate
+    bf16), [] when unset: the configs' bf16-mixed would be ~17x slower there."""
+    precision = os.environ.get(PRECISION_ENV, "").strip()
+    return ["--trainer.precision", precision] if precision else []
+
+
+def fast_precision() -> str:
+    """bf16-mixed where this machine computes bf16 natively, else 32-true (for learning tests
+    whose subject is not the precision)."""
+    return os.environ.get(PRECISION_ENV, "").strip() or "bf16-mixed"
 
 
 def quiet_trainer(**kwargs) -> pl.Trainer:
@@ -33,7 +49,7 @@ def cli_from_config(config: str, *overrides: str) -> LightningCLI:
         "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     )  # fmt: skip
-    args = ["--config", str(CONFIGS / config), *quiet, *overrides]
+    args = ["--config", str(CONFIGS / config), *quiet, *test_precision(), *overrides]
     return _NoCheckpointsCLI(run=False, args=args, save_config_callback=None)
 
 

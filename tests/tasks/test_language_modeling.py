@@ -10,7 +10,7 @@ import torch
 from multimodal.data import SyntheticSequenceDataModule, TextFileDataModule, TextPairFileDataModule
 from multimodal.layers import TransformerConfig
 from multimodal.tasks import CausalLM, MaskedLM, OptimConfig, Seq2SeqLM, TextClassifier
-from tests.helpers import quiet_trainer
+from tests.helpers import fast_precision, quiet_trainer
 from text import (
     DecoderLM,
     EncoderDecoderLM,
@@ -56,7 +56,7 @@ def test_decoder_learns_string_reversal_in_under_a_minute():
         ),
     )
     task = CausalLM(DecoderLM(config), optim=OPTIM)
-    run = trainer(max_epochs=4, precision="bf16-mixed")
+    run = trainer(max_epochs=4, precision=fast_precision())
     start = time.perf_counter()
     run.fit(task, data)
     elapsed = time.perf_counter() - start
@@ -75,7 +75,7 @@ def test_seq2seq_learns_string_reversal():
         ),
     )
     task = Seq2SeqLM(EncoderDecoderLM(config), optim=OPTIM)
-    run = trainer(max_epochs=4, precision="bf16-mixed")
+    run = trainer(max_epochs=4, precision=fast_precision())
     run.fit(task, data)
     assert run.callback_metrics["val/acc"] >= 0.95, dict(run.callback_metrics)
     # greedy generation reverses whole strings

@@ -13,11 +13,12 @@ from multimodal.train.estimate import Estimate, estimate_config, parse_memory, w
 from tests.helpers import CONFIGS, ROOT
 
 # Trains configs/clip/digits.yaml for two steps in a fresh process and prints its peak
-# training memory: the ru_maxrss high-water mark over the RSS when training starts (the data
-# pipeline and the Trainer set up), plus the parameters (allocated before). fp32 because CPU
-# bf16 matmuls are ~10x slower here; the config's bf16-mixed agrees as well (ratio 1.02).
+# training memory: the RSS high-water mark since training started (reset then, so whatever
+# the setup allocated and freed before does not count) over the RSS at that moment, plus the
+# parameters (allocated before). fp32 because CPU bf16 matmuls are slow on CPUs without native
+# bf16; the config's bf16-mixed agrees as well (ratio 1.02).
 MEASURE = """
-import resource, sys
+import re, resource, sys
 import lightning.pytorch as pl
 from tests.helpers import cli_from_config
 
@@ -25,8 +26,14 @@ def rss_now():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
+def high_water_mark():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1)) * 1024
+
 class AtStart(pl.Callback):
     def on_train_start(self, trainer, pl_module):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the high-water mark to the current RSS
         self.rss = rss_now()
 
 root = sys.argv[1]
@@ -40,8 +47,7 @@ start = AtStart()
 cli.trainer.callbacks.append(start)
 cli.trainer.fit(cli.model, cli.datamodule)
 params = sum(p.numel() * p.element_size() for p in cli.model.parameters())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print("PEAK", peak - start.rss + params)
+print("PEAK", high_water_mark() - start.rss + params)
 """
 
 # `multimodal estimate` of the ViT-B/16 CLIP in this process, printing its RSS growth
