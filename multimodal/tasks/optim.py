@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from multimodal.adapt.layer_decay import layer_depths
+
 
 @runtime_checkable
 class HasNoWeightDecay(Protocol):
@@ -25,6 +27,8 @@ class OptimConfig:
 
     `warmup_steps` of linear warmup from 0, then cosine decay to `min_lr_ratio` * lr at
     `total_steps` (None: the Trainer's estimate of the run's optimiser steps).
+    `layer_decay` < 1: layer-wise learning-rate decay, lr * layer_decay**depth with the depth
+    below the top of each tower of `multimodal.adapt.layer_decay` (1: one rate for all).
     """
 
     lr: float = 1e-3
@@ -34,6 +38,7 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     total_steps: int | None = None
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         prefix = "OptimConfig."
@@ -49,6 +54,8 @@ class OptimConfig:
             raise ValueError(f"{prefix}min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.total_steps is not None and self.total_steps <= 0:
             raise ValueError(f"{prefix}total_steps={self.total_steps} must be > 0")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"{prefix}layer_decay={self.layer_decay} must be in (0, 1]")
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -65,16 +72,41 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight matrices with `weight_decay`, everything else without."""
+def param_groups(
+    model: nn.Module, weight_decay: float, *, lr: float | None = None, layer_decay: float = 1.0
+) -> list[dict]:
+    """AdamW groups of the trainable parameters: weight matrices with `weight_decay`,
+    everything else without.
+
+    `layer_decay` = 1: those two groups, at the optimiser's lr. Below 1: one pair per depth
+    of `layer_depths` (empty groups left out), deepest first, each with its own
+    "lr" = lr * layer_decay**depth and its "layer_depth"; the schedule multiplies each.
+    """
     skip = no_weight_decay_names(model)
-    decay, no_decay = [], []
+    if layer_decay == 1:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if name in skip else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    if lr is None:
+        raise ValueError("layer_decay < 1 needs the base lr")
+    depths = layer_depths(model)
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name in skip else decay).append(p)
+            groups.setdefault((depths[name][0], name not in skip), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": groups[depth, decayed],
+            "weight_decay": weight_decay if decayed else 0.0,
+            "lr": lr * layer_decay**depth,
+            "layer_depth": depth,
+        }
+        for depth, decayed in sorted(groups, key=lambda key: (-key[0], not key[1]))
     ]
 
 
@@ -102,7 +134,10 @@ def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: float) -
             "shards without epoch_length): set optim.total_steps or trainer.max_steps"
         )
     optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.eps
+        param_groups(model, config.weight_decay, lr=config.lr, layer_decay=config.layer_decay),
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
     )
     total = int(total)
     schedule = LambdaLR(

@@ -69,6 +69,8 @@ def test_scheduler_steps_the_learning_rate():
         ({"lr": 0}, "lr"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"min_lr_ratio": 2}, "min_lr_ratio"),
+        ({"layer_decay": 0}, "layer_decay"),
+        ({"layer_decay": 1.5}, "layer_decay"),
     ],
 )
 def test_bad_optim_config_names_the_field(kwargs, field):
