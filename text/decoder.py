@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from multimodal.layers import BlockCache, Transformer
 from text.config import TextConfig
-from text.embedding import TextEmbedding, fit_length
+from text.embedding import TextEmbedding, fit_length, prepend_prompt
 from text.output import LMOutput
 
 
@@ -28,6 +29,8 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.token.weight
+        # prompt tuning (multimodal.adapt.prompt): (P, dim) embeddings before the tokens
+        self.prompt: nn.Parameter | None = None
 
     def init_cache(self, capacity: int = 64) -> list[BlockCache]:
         """Empty KV caches for `generate`."""
@@ -44,20 +47,39 @@ class DecoderLM(nn.Module):
         context_padding_mask: Tensor | None = None,
     ) -> LMOutput:
         """input_ids (B, T); attention_mask (B, T) bool, True = real token (with a cache: over
-        cached + new tokens); positions (B, T) for left-padded batches; context (B, S, D)."""
+        cached + new tokens); positions (B, T) for left-padded batches; context (B, S, D).
+
+        With a soft prompt (`self.prompt`), it is put before the first tokens fed (the cache
+        then holds it once) and logits / hidden states cover the tokens only."""
+        offset = cache[0].self_attn.length if cache else 0
+        n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
         if cache:  # the attention mask then also covers the cached tokens
-            offset = cache[0].self_attn.length
             input_ids, positions = fit_length(self.config, input_ids, positions, offset=offset)
         else:
             input_ids, attention_mask, positions = fit_length(
-                self.config, input_ids, attention_mask, positions
+                self.config, input_ids, attention_mask, positions, reserved=n_prompt
             )
+        x = self.embed(input_ids)
+        if self.prompt is not None:
+            n_tokens = max(offset - n_prompt, 0)  # tokens (not prompt) already in the cache
+            if positions is None:  # the tokens keep the positions they have without a prompt
+                T = input_ids.shape[1]
+                positions = torch.arange(n_tokens, n_tokens + T, device=x.device)
+                positions = positions.expand(input_ids.shape[0], T)
+            if offset == 0:
+                x, attention_mask, positions = prepend_prompt(
+                    self.prompt, x, attention_mask, positions
+                )
+            elif attention_mask is not None:  # the cached prompt is always visible
+                ones = attention_mask.new_ones(attention_mask.shape[0], n_prompt)
+                attention_mask = torch.cat([ones, attention_mask], dim=1)
         out = self.transformer(
-            self.embed(input_ids),
+            x,
             key_padding_mask=attention_mask,
             positions=positions,
             cache=cache,
             context=context,
             context_padding_mask=context_padding_mask,
         )
-        return LMOutput(self.lm_head(out.hidden), out.hidden, out.aux_loss)
+        hidden = out.hidden[:, n_prompt:] if self.prompt is not None and offset == 0 else out.hidden
+        return LMOutput(self.lm_head(hidden), hidden, out.aux_loss)

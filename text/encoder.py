@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from multimodal.layers import Transformer, TransformerOutput
 from text.config import TextConfig
-from text.embedding import TextEmbedding, fit_length
+from text.embedding import TextEmbedding, fit_length, prepend_prompt
 
 
 class EncoderLM(nn.Module):
@@ -24,6 +24,8 @@ class EncoderLM(nn.Module):
         self.out_dim = config.dim
         self.embed = TextEmbedding(config)
         self.transformer = Transformer(config.transformer)
+        # prompt tuning (multimodal.adapt.prompt): (P, dim) embeddings before the tokens
+        self.prompt: nn.Parameter | None = None
 
     def forward(
         self,
@@ -32,9 +34,17 @@ class EncoderLM(nn.Module):
         attention_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
     ) -> TransformerOutput:
-        """input_ids, attention_mask (True = real token), segment_ids: (B, T)."""
+        """input_ids, attention_mask (True = real token), segment_ids: (B, T).
+
+        With a soft prompt, `hidden` holds the tokens' states only (the attention weights, when
+        asked for, cover the prompt too)."""
+        n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
         input_ids, attention_mask, segment_ids = fit_length(
-            self.config, input_ids, attention_mask, segment_ids
+            self.config, input_ids, attention_mask, segment_ids, reserved=n_prompt
         )
         x = self.embed(input_ids, segment_ids)
-        return self.transformer(x, key_padding_mask=attention_mask)
+        if self.prompt is None:
+            return self.transformer(x, key_padding_mask=attention_mask)
+        x, attention_mask, positions = prepend_prompt(self.prompt, x, attention_mask, None)
+        out = self.transformer(x, key_padding_mask=attention_mask, positions=positions)
+        return out._replace(hidden=out.hidden[:, n_prompt:])

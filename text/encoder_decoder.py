@@ -7,9 +7,9 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from multimodal.layers import BlockCache, Transformer
+from multimodal.layers import BlockCache, Transformer, TransformerOutput
 from text.config import TextConfig
-from text.embedding import TextEmbedding, fit_length
+from text.embedding import TextEmbedding, fit_length, prepend_prompt
 from text.output import LMOutput
 
 
@@ -53,6 +53,8 @@ class EncoderDecoderLM(nn.Module):
         self.output_scale = config.dim**-0.5 if config.tie_embeddings else 1.0
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.token.weight
+        # prompt tuning (multimodal.adapt.prompt): (P, dim) embeddings before the source tokens
+        self.prompt: nn.Parameter | None = None
 
     def init_cache(self, capacity: int = 64) -> list[BlockCache]:
         """Empty decoder KV caches for `generate` (cross-attention keys filled on first use)."""
@@ -60,8 +62,21 @@ class EncoderDecoderLM(nn.Module):
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Source ids (B, S) -> encoder states (B, S, dim), computed once per generation."""
-        input_ids, attention_mask = fit_length(self.config, input_ids, attention_mask)
-        return self.encoder(self.embed(input_ids), key_padding_mask=attention_mask).hidden
+        return self._encode(input_ids, attention_mask).hidden
+
+    def _encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> TransformerOutput:
+        """The encoder over the source; with a soft prompt before it, whose states are dropped
+        (the decoder attends to the source tokens only, with the source's padding mask)."""
+        n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
+        input_ids, attention_mask = fit_length(
+            self.config, input_ids, attention_mask, reserved=n_prompt
+        )
+        x = self.embed(input_ids)
+        if self.prompt is None:
+            return self.encoder(x, key_padding_mask=attention_mask)
+        x, attention_mask, positions = prepend_prompt(self.prompt, x, attention_mask, None)
+        out = self.encoder(x, key_padding_mask=attention_mask, positions=positions)
+        return out._replace(hidden=out.hidden[:, n_prompt:])
 
     def decode(
         self,
@@ -95,8 +110,11 @@ class EncoderDecoderLM(nn.Module):
         decoder_attention_mask: Tensor | None = None,
     ) -> LMOutput:
         """Teacher forcing: source (B, S), decoder inputs (B, T) -> logits (B, T, vocab)."""
-        input_ids, attention_mask = fit_length(self.config, input_ids, attention_mask)
-        encoded = self.encoder(self.embed(input_ids), key_padding_mask=attention_mask)
+        n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
+        input_ids, attention_mask = fit_length(
+            self.config, input_ids, attention_mask, reserved=n_prompt
+        )
+        encoded = self._encode(input_ids, attention_mask)
         out = self.decode(
             decoder_input_ids,
             context=encoded.hidden,

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from multimodal.layers import TowerOutput, Transformer, TransformerConfig
 from text.config import TextConfig
-from text.embedding import TextEmbedding, fit_length
+from text.embedding import TextEmbedding, fit_length, prepend_prompt
 from text.pooling import POOLINGS, pool_tokens
 
 
@@ -33,14 +33,23 @@ class TextEncoder(nn.Module):
         self.transformer = Transformer(config.transformer)
         self.projection = nn.Linear(config.dim, out_dim, bias=False) if out_dim else nn.Identity()
         self.out_dim = out_dim or config.dim
+        # prompt tuning (multimodal.adapt.prompt): (P, dim) embeddings before the tokens
+        self.prompt: nn.Parameter | None = None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.set_grad_checkpointing(enable)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> TowerOutput:
         """input_ids (B, T); attention_mask (B, T) bool, True = real token."""
-        input_ids, attention_mask = fit_length(self.config, input_ids, attention_mask)
-        hidden = self.transformer(self.embed(input_ids), key_padding_mask=attention_mask).hidden
+        n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
+        input_ids, attention_mask = fit_length(
+            self.config, input_ids, attention_mask, reserved=n_prompt
+        )
+        x, key_padding_mask, positions = self.embed(input_ids), attention_mask, None
+        if self.prompt is not None:
+            x, key_padding_mask, positions = prepend_prompt(self.prompt, x, attention_mask, None)
+        out = self.transformer(x, key_padding_mask=key_padding_mask, positions=positions)
+        hidden = out.hidden[:, n_prompt:]  # the prompt's states are not tokens: pool without
         if attention_mask is None:
             is_token = input_ids != self.config.pad_id
             # everything up to the last non-pad id is text (CLIP's "!" has id 0 = pad_id)

@@ -148,6 +148,9 @@ class ViT(nn.Module):
         for token in (self.cls_token, self.registers):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
+        # visual prompt tuning (multimodal.adapt.prompt): (1, P, dim) tokens put after the
+        # class/register tokens at the input of the first block (no position embedding)
+        self.prompt: nn.Parameter | None = None
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that are embeddings rather than weights: no weight decay."""
@@ -177,8 +180,14 @@ class ViT(nn.Module):
 
     def forward(self, images: Tensor) -> TowerOutput:
         """images: (B, in_channels, H, W) with H and W multiples of the patch size."""
-        x = self.encoder(self._embed(images)).hidden  # (B, n_prefix + N, dim)
-        tokens = x[:, self.config.n_prefix :]
+        x = self._embed(images)  # (B, n_prefix + N, dim)
+        n_prefix = self.config.n_prefix
+        if self.prompt is not None:  # (B, n_prefix + P + N, dim); pooling skips the prompts
+            prompt = self.prompt.to(x.dtype).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :n_prefix], prompt, x[:, n_prefix:]], dim=1)
+            n_prefix += self.prompt.shape[1]
+        x = self.encoder(x).hidden
+        tokens = x[:, n_prefix:]
         if self.attn_pool is not None:
             pooled = self.attn_pool(tokens)
         elif self.config.pool == "token":

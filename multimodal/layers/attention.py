@@ -27,6 +27,21 @@ BAND_BLOCK = 64  # query block of banded sliding-window attention
 PositionBias = Callable[[Tensor], Tensor]
 
 
+class KVPrefix(NamedTuple):
+    """Learned keys and values every query of a self-attention layer may attend to (prefix
+    tuning). They are not rotated by RoPE, get zero relative-position bias and are visible
+    through causal, window and padding masks; they are never stored in a KV cache.
+
+    gate None: one softmax over prefix and token keys (Li & Liang 2021). A gate (0-d tensor):
+    the prefix gets its own softmax and its output, scaled by the gate, is added to the
+    unchanged token attention (LLaMA-Adapter's zero-init attention: gate 0 = no change).
+    """
+
+    keys: Tensor  # (H_kv, P, D)
+    values: Tensor  # (H_kv, P, D)
+    gate: Tensor | None
+
+
 class AttentionOutput(NamedTuple):
     output: Tensor  # (B, Tq, dim)
     weights: Tensor | None  # (B, H, Tq, Tk), only when return_attention=True
@@ -276,6 +291,8 @@ class Attention(nn.Module):
             self.q = self.kv = None
         self.proj = nn.Linear(dim, dim, bias=bias)
         self.proj_dropout = nn.Dropout(proj_dropout)
+        # prefix tuning (multimodal.adapt.prefix): a module returning a `KVPrefix`
+        self.kv_prefix: nn.Module | None = None
 
     def forward(
         self,
@@ -293,6 +310,8 @@ class Attention(nn.Module):
         key_padding_mask: (B, Tk) bool, True = real token, over all keys (the cached ones
         included, or the context's). rope: (cos, sin) tables (T, head_dim) for x's positions.
         position_bias: relative bias function (ALiBi, T5). cache: this layer's KV cache.
+        With a `kv_prefix` (ungated) the returned weights cover (B, H, T, P + Tk), prefix first;
+        gated, they are those of the token softmax.
         """
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -320,6 +339,12 @@ class Attention(nn.Module):
                 k, v = cache.append(k, v)
         dropout_p = self.dropout if self.training else 0.0
         weights = None
+        prefix: KVPrefix | None = None
+        if self.kv_prefix is not None:
+            if self.cross:
+                raise ValueError("a KV prefix applies to self-attention only")
+            prefix = self.kv_prefix()
+        joint = prefix is not None and prefix.gate is None  # prefix keys in the same softmax
         if self.cross:
             mask = merge_padding(None, key_padding_mask)
             out, weights = attend(
@@ -330,6 +355,7 @@ class Attention(nn.Module):
             and offset == 0
             and not return_attention
             and 2 * max(self.window, 64) <= T
+            and not joint
         ):
             out = banded_attend(
                 q,
@@ -348,6 +374,7 @@ class Attention(nn.Module):
             and offset == 0
             and key_padding_mask is None
             and position_bias is None
+            and not joint
         ):
             out, weights = attend(
                 q, k, v, is_causal=True, dropout_p=dropout_p, return_weights=return_attention
@@ -367,6 +394,10 @@ class Attention(nn.Module):
             bias = None
             if position_bias is not None:
                 bias = position_bias(key_pos - query_pos[:, None])  # (H, T, Tk)
+            if joint and prefix is not None:
+                k, v, mask, bias, key_padding_mask = _prepend_prefix(
+                    prefix, k, v, mask, bias, key_padding_mask
+                )
             out, weights = attend(
                 q,
                 k,
@@ -376,5 +407,31 @@ class Attention(nn.Module):
                 dropout_p=dropout_p,
                 return_weights=return_attention,
             )
+        if prefix is not None and prefix.gate is not None:  # the prefix's own softmax, gated
+            pk, pv = (t.to(q.dtype).expand(B, -1, -1, -1) for t in prefix[:2])
+            prefix_out, _ = attend(q, pk, pv, dropout_p=dropout_p)
+            out = out + prefix.gate.to(out.dtype) * prefix_out
         out = out.transpose(1, 2).reshape(B, T, H * D)
         return AttentionOutput(self.proj_dropout(self.proj(out)), weights)
+
+
+def _prepend_prefix(
+    prefix: KVPrefix,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    key_padding_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Put the P prefix keys/values (H_kv, P, D) in front of k, v (B, H_kv, Tk, D); every
+    query sees them (mask and padding True) with zero position bias."""
+    B, P = k.shape[0], prefix.keys.shape[1]
+    k = torch.cat([prefix.keys.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+    v = torch.cat([prefix.values.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+    if mask is not None:  # (Tq, Tk)
+        mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
+    if bias is not None:  # (H, Tq, Tk)
+        bias = torch.cat([bias.new_zeros(*bias.shape[:-1], P), bias], dim=-1)
+    if key_padding_mask is not None:  # (B, Tk)
+        key_padding_mask = torch.cat([key_padding_mask.new_ones(B, P), key_padding_mask], dim=-1)
+    return k, v, mask, bias, key_padding_mask

@@ -68,6 +68,10 @@ class Transformer(nn.Module):
         final_norm = c.norm_order == "pre" and c.final_norm
         self.norm = create_norm(c.norm, c.dim, c.norm_eps) if final_norm else nn.Identity()
         self.grad_checkpointing = False
+        # deep visual prompt tuning (multimodal.adapt.prompt): before every block i >= 1 the
+        # tokens [prompt_start, prompt_start + P) are replaced by deep_prompts[i - 1]
+        self.deep_prompts: nn.Parameter | None = None  # (n_layers - 1, P, dim)
+        self.prompt_start = 0
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass: less memory, same gradients."""
@@ -132,7 +136,11 @@ class Transformer(nn.Module):
             rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
         attentions, cross_attentions, moe = [], [], []
+        if self.deep_prompts is not None and cache is not None:
+            raise ValueError("deep prompts replace tokens between blocks: no KV cache")
         for i, block in enumerate(self.blocks):
+            if i and self.deep_prompts is not None:
+                x = replace_tokens(x, self.deep_prompts[i - 1], self.prompt_start)
             kwargs = dict(
                 context=context,
                 key_padding_mask=key_padding_mask,
@@ -161,3 +169,9 @@ class Transformer(nn.Module):
             else None,
             moe=tuple(moe),
         )
+
+
+def replace_tokens(x: Tensor, tokens: Tensor, start: int) -> Tensor:
+    """x (B, T, dim) with positions [start, start + P) replaced by tokens (P, dim)."""
+    new = tokens.to(x.dtype).expand(x.shape[0], -1, -1)
+    return torch.cat([x[:, :start], new, x[:, start + tokens.shape[0] :]], dim=1)
