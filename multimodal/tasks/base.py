@@ -14,6 +14,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from multimodal.adapt import AdaptConfig, AdaptReport, apply_adaptation
 from multimodal.tasks.optim import OptimConfig, build_optimizer
 from multimodal.train.compile import CompileTimer
 from multimodal.train.init_from import InitReport, load_init_weights
@@ -44,6 +45,9 @@ class Task(BlockwiseTask):
       `multimodal.train.init_from`) and prints what was loaded. A resumed run (`--ckpt_path`)
       then replaces them with its own; a rebuilt task (`load_from_checkpoint`) drops
       `init_from` (`weight_arguments`).
+    - `adapt_model(adapt, module)`, called right after `init_weights`, adds LoRA / adapters
+      and freezes the base (`multimodal.adapt`), so `init_from` loads base weights into the
+      plain model first and a rebuilt task is adapted again before its weights load.
     - Under LightningCLI the whole config section (nested model included) is kept as
       hyper-parameters, so `Task.load_from_checkpoint(ckpt)` rebuilds the task alone.
     """
@@ -77,6 +81,16 @@ class Task(BlockwiseTask):
         )
         if rank_zero_only.rank == 0:
             print(report.table(), flush=True)
+        return report
+
+    def adapt_model(self, adapt: AdaptConfig | None, module: nn.Module) -> AdaptReport | None:
+        """Apply `adapt` to `module` (the task's pretrained model; heads outside it keep
+        training) and print the summary on rank 0; nothing when `adapt` is None."""
+        if adapt is None:
+            return None
+        report = apply_adaptation(module, adapt)
+        if rank_zero_only.rank == 0:
+            print(report.summary(), flush=True)
         return report
 
     @classmethod

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from multimodal.adapt import AdaptConfig
 from multimodal.eval.caption_metrics import caption_metrics
 from multimodal.models.captioner import Captioner, CaptionerOutput
 from multimodal.models.losses import caption_loss, clip_loss
@@ -62,6 +63,8 @@ class Captioning(AccumulatingTask):
         init_from, init_strict, init_prefix_map: start from another run's weights
             (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
             unless strict, keys renamed by {old prefix: new prefix}.
+        adapt: parameter-efficient fine-tuning of `model` (`multimodal.adapt.AdaptConfig`: LoRA,
+            bottleneck adapters, what stays trainable), applied after `init_from`; the `Captioner`.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Captioning(AccumulatingTask):
         init_from: str | None = None,
         init_strict: bool = False,
         init_prefix_map: dict[str, str] | None = None,
+        adapt: AdaptConfig | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= label_smoothing < 1:
@@ -108,6 +112,7 @@ class Captioning(AccumulatingTask):
         self._val_captions: list[tuple[str, list[str]]] = []
         self.init_accumulation(accumulate)
         self.init_weights(init_from, init_strict, init_prefix_map)
+        self.adapt_model(adapt, self.model)
 
     def setup(self, stage: str) -> None:
         check_vocabulary(self, self.model.decoder.config.vocab_size)

@@ -8,6 +8,7 @@ from timm.data import Mixup
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from multimodal.adapt import AdaptConfig
 from multimodal.models.classifier import ImageClassificationModel
 from multimodal.tasks.base import Task
 from multimodal.tasks.optim import OptimConfig, build_optimizer
@@ -33,6 +34,9 @@ class ImageClassifier(Task):
         init_from, init_strict, init_prefix_map: start from another run's weights
             (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
             unless strict, keys renamed by {old prefix: new prefix}.
+        adapt: parameter-efficient fine-tuning of the model (`multimodal.adapt.AdaptConfig`: LoRA,
+            bottleneck adapters, what stays trainable), applied after `init_from`; `encoder` and
+            `head`: a linear probe is `train_also: [head]`.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class ImageClassifier(Task):
         init_from: str | None = None,
         init_strict: bool = False,
         init_prefix_map: dict[str, str] | None = None,
+        adapt: AdaptConfig | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= label_smoothing < 1:
@@ -78,6 +83,7 @@ class ImageClassifier(Task):
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.init_weights(init_from, init_strict, init_prefix_map)
+        self.adapt_model(adapt, self.model)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)

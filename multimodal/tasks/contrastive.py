@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from multimodal.adapt import AdaptConfig
 from multimodal.models.clip import ClipLike, CLIPOutput
 from multimodal.models.itm import ITMHead, itm_pairs
 from multimodal.models.losses import clip_loss, itm_loss, siglip_loss
@@ -57,6 +58,9 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
         init_from, init_strict, init_prefix_map: start from another run's weights
             (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
             unless strict, keys renamed by {old prefix: new prefix}.
+        adapt: parameter-efficient fine-tuning of `model` (`multimodal.adapt.AdaptConfig`: LoRA,
+            bottleneck adapters, what stays trainable), applied after `init_from`; the `ClipLike`;
+            an `itm_head` keeps training.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
         init_from: str | None = None,
         init_strict: bool = False,
         init_prefix_map: dict[str, str] | None = None,
+        adapt: AdaptConfig | None = None,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -111,6 +116,7 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
         self.optim = optim or OptimConfig()
         self.init_accumulation(accumulate)
         self.init_weights(init_from, init_strict, init_prefix_map)
+        self.adapt_model(adapt, self.model)
 
     def lock_towers(self, image: tuple[bool, int], text: tuple[bool, int]) -> None:
         """Lock the towers asked for, as (lock, unlocked last blocks) pairs."""

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from multimodal.adapt import AdaptConfig
 from multimodal.tasks.base import OptimizedTask
 from multimodal.tasks.optim import OptimConfig
 from multimodal.train.prepare import BlockOptions
@@ -110,6 +111,8 @@ class CausalLM(TokenPredictionTask):
         init_from, init_strict, init_prefix_map: start from another run's weights
             (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
             unless strict, keys renamed by {old prefix: new prefix}.
+        adapt: parameter-efficient fine-tuning of `model` (`multimodal.adapt.AdaptConfig`:
+            LoRA, bottleneck adapters, what stays trainable), applied after `init_from`.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
@@ -124,6 +127,7 @@ class CausalLM(TokenPredictionTask):
         init_from: str | None = None,
         init_strict: bool = False,
         init_prefix_map: dict[str, str] | None = None,
+        adapt: AdaptConfig | None = None,
         grad_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -137,6 +141,7 @@ class CausalLM(TokenPredictionTask):
         self.model = model
         self.aux_loss_weight = aux_loss_weight
         self.init_weights(init_from, init_strict, init_prefix_map)
+        self.adapt_model(adapt, self.model)
 
     def predictions(self, batch: Batch) -> TokenPredictions:
         out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -152,6 +157,8 @@ class Seq2SeqLM(TokenPredictionTask):
         init_from, init_strict, init_prefix_map: start from another run's weights
             (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
             unless strict, keys renamed by {old prefix: new prefix}.
+        adapt: parameter-efficient fine-tuning of `model` (`multimodal.adapt.AdaptConfig`:
+            LoRA, bottleneck adapters, what stays trainable), applied after `init_from`.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
@@ -166,6 +173,7 @@ class Seq2SeqLM(TokenPredictionTask):
         init_from: str | None = None,
         init_strict: bool = False,
         init_prefix_map: dict[str, str] | None = None,
+        adapt: AdaptConfig | None = None,
         grad_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -179,6 +187,7 @@ class Seq2SeqLM(TokenPredictionTask):
         self.model = model
         self.aux_loss_weight = aux_loss_weight
         self.init_weights(init_from, init_strict, init_prefix_map)
+        self.adapt_model(adapt, self.model)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -211,6 +220,9 @@ class MaskedLM(TokenPredictionTask):
         init_from, init_strict, init_prefix_map: start from another run's weights
             (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
             unless strict, keys renamed by {old prefix: new prefix}.
+        adapt: parameter-efficient fine-tuning of `encoder` (`multimodal.adapt.AdaptConfig`: LoRA,
+            bottleneck adapters, what stays trainable), applied after `init_from`; the MLM and
+            next-sentence heads keep training.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
@@ -225,6 +237,7 @@ class MaskedLM(TokenPredictionTask):
         init_from: str | None = None,
         init_strict: bool = False,
         init_prefix_map: dict[str, str] | None = None,
+        adapt: AdaptConfig | None = None,
         grad_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -241,6 +254,7 @@ class MaskedLM(TokenPredictionTask):
         self.nsp_head = NextSentenceHead(encoder.config.dim) if next_sentence else None
         self.nsp_acc = MulticlassAccuracy(2, average="micro")
         self.init_weights(init_from, init_strict, init_prefix_map)
+        self.adapt_model(adapt, self.encoder)
 
     def predictions(self, batch: Batch) -> TokenPredictions:
         out = self.encoder(
@@ -274,6 +288,9 @@ class TextClassifier(OptimizedTask):
         init_from, init_strict, init_prefix_map: start from another run's weights
             (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
             unless strict, keys renamed by {old prefix: new prefix}.
+        adapt: parameter-efficient fine-tuning of `encoder` (`multimodal.adapt.AdaptConfig`: LoRA,
+            bottleneck adapters, what stays trainable), applied after `init_from`; the
+            classification head keeps training: with nothing added this is a linear probe.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
@@ -291,6 +308,7 @@ class TextClassifier(OptimizedTask):
         init_from: str | None = None,
         init_strict: bool = False,
         init_prefix_map: dict[str, str] | None = None,
+        adapt: AdaptConfig | None = None,
         grad_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -312,6 +330,7 @@ class TextClassifier(OptimizedTask):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.init_weights(init_from, init_strict, init_prefix_map)
+        self.adapt_model(adapt, self.encoder)
 
     def setup(self, stage: str) -> None:
         check_vocabulary(self, self.encoder.config.vocab_size)

@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from multimodal.adapt import AdaptConfig
 from multimodal.models.losses import caption_loss, vqa_loss
 from multimodal.models.vqa import VQAModel
 from multimodal.tasks.base import StageStepTask
@@ -39,6 +40,9 @@ class VisualQuestionAnswering(StageStepTask):
         init_from, init_strict, init_prefix_map: start from another run's weights
             (`multimodal.train.init_from`): a checkpoint or state dict, the keys that fit
             unless strict, keys renamed by {old prefix: new prefix}.
+        adapt: parameter-efficient fine-tuning of `model` (`multimodal.adapt.AdaptConfig`: LoRA,
+            bottleneck adapters, what stays trainable), applied after `init_from`; the `VQAModel`,
+            its `classifier` head included: list it in `train_also`.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
     """
@@ -52,6 +56,7 @@ class VisualQuestionAnswering(StageStepTask):
         init_from: str | None = None,
         init_strict: bool = False,
         init_prefix_map: dict[str, str] | None = None,
+        adapt: AdaptConfig | None = None,
         grad_checkpointing: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
@@ -69,6 +74,7 @@ class VisualQuestionAnswering(StageStepTask):
         self.answer_loss_weight = answer_loss_weight
         self.val_acc = MeanMetric()
         self.init_weights(init_from, init_strict, init_prefix_map)
+        self.adapt_model(adapt, self.model)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
