@@ -13,6 +13,7 @@ from multimodal.adapt.lora import (
     add_lora,
     lora_layers,
     merge_lora,
+    merged_state_dict,
     name_matches,
     unmerge_lora,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "load_adapter",
     "lora_layers",
     "merge_lora",
+    "merged_state_dict",
     "name_matches",
     "read_adapter",
     "save_adapter",

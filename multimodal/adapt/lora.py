@@ -106,7 +106,9 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into `weight`: the layer then computes as one plain Linear."""
+        """Fold the update into `weight`: the layer then computes as one plain Linear. The
+        state dict then holds the folded weight next to A and B: export it without them
+        (`merged_state_dict`), never load it into an unmerged layer."""
         if not self.merged:
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
             self.merged = True
@@ -193,3 +195,21 @@ def unmerge_lora(model: nn.Module) -> int:
     for layer in layers:
         layer.unmerge()
     return len(layers)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of `model` with every LoRA update folded into its base weight and the
+    `lora_a` / `lora_b` keys dropped: the base model's keys, loadable without `multimodal.adapt`
+    (other additions, such as adapters, stay). The model itself is left unmerged."""
+    layers = [m for m in lora_layers(model) if not m.merged]
+    for layer in layers:
+        layer.merge()
+    try:
+        return {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if k.rsplit(".", 1)[-1] not in ("lora_a", "lora_b")
+        }
+    finally:
+        for layer in layers:
+            layer.unmerge()

@@ -18,6 +18,7 @@ from multimodal.adapt import (
     apply_adaptation,
     lora_layers,
     merge_lora,
+    merged_state_dict,
     name_matches,
     unmerge_lora,
 )
@@ -171,6 +172,20 @@ def test_merged_lora_equals_unmerged_and_unmerge_restores_the_weights(name):
     assert unmerge_lora(model) == 8
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_merged_state_dict_loads_into_the_plain_base_model(name):
+    build, outputs = MODELS[name]
+    plain, model = build().eval(), build().eval()
+    add_lora(model, LoRAConfig(rank=4))
+    randomize_lora(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain.load_state_dict(merged_state_dict(model))  # strict: the base keys exactly
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(plain), outputs(model), rtol=0, atol=1e-5)
+    for key, value in model.state_dict().items():  # the model is left as it was
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
 
 
 def test_open_clip_reaches_the_mlp_linears_but_not_multihead_attention():
