@@ -1,5 +1,7 @@
-"""Fine-tuning and adapting pretrained models: LoRA, bottleneck adapters, what stays
-trainable (`AdaptConfig`, `apply_adaptation`) and adapter-only weights.
+"""Fine-tuning and adapting pretrained models: LoRA, bottleneck adapters, prefix and prompt
+tuning, what stays trainable (`AdaptConfig`, `apply_adaptation`), adapter-only weights,
+layer-wise learning-rate decay (`layer_depths`, used by `OptimConfig.layer_decay`) and gradual
+unfreezing (`GradualUnfreezing`).
 
 Sits above `multimodal.models` and below `multimodal.tasks`: every task takes
 `adapt: AdaptConfig | None`.
@@ -7,6 +9,7 @@ Sits above `multimodal.models` and below `multimodal.tasks`: every task takes
 
 from multimodal.adapt.adapters import Adapter, AdapterConfig, add_adapters
 from multimodal.adapt.config import AdaptConfig, AdaptReport, apply_adaptation
+from multimodal.adapt.layer_decay import layer_depths
 from multimodal.adapt.lora import (
     LoRAConfig,
     LoRALinear,
@@ -17,19 +20,28 @@ from multimodal.adapt.lora import (
     name_matches,
     unmerge_lora,
 )
+from multimodal.adapt.prefix import PrefixConfig, add_prefixes
+from multimodal.adapt.prompt import PromptConfig, add_prompts
 from multimodal.adapt.state import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from multimodal.adapt.unfreeze import GradualUnfreezing
 
 __all__ = [
     "AdaptConfig",
     "AdaptReport",
     "Adapter",
     "AdapterConfig",
+    "GradualUnfreezing",
     "LoRAConfig",
     "LoRALinear",
+    "PrefixConfig",
+    "PromptConfig",
     "adapter_state_dict",
     "add_adapters",
     "add_lora",
+    "add_prefixes",
+    "add_prompts",
     "apply_adaptation",
+    "layer_depths",
     "load_adapter",
     "lora_layers",
     "merge_lora",

@@ -1,12 +1,11 @@
 """The adaptation of a pretrained model, as one config: which parameter-efficient methods to
-add (LoRA, bottleneck adapters) and what stays trainable; `apply_adaptation` does it.
+add (LoRA, bottleneck adapters, prefix tuning, prompt tuning) and what stays trainable;
+`apply_adaptation` does it.
 
-Extension point: each method is a `Method` in `METHODS`: the `AdaptConfig` field holding its
-sub-config, the sub-config class and `add(model, cfg) -> list[str]`. Prefix and prompt tuning
-plug in as two more fields (`prefix: PrefixConfig | None = None`, `prompt: PromptConfig | None
-= None`) and two more entries (`Method("prefix", PrefixConfig, add_prefixes, ...)`); the new
-parameters are found by comparing the model's parameters before and after, whatever `add`
-returns, so freezing and `adapter_state_dict` need no change.
+Each method is a `Method` in `METHODS`: the `AdaptConfig` field holding its sub-config, the
+sub-config class and `add(model, cfg) -> list[str]`. The new parameters are found by comparing
+the model's parameters before and after, whatever `add` returns, so freezing and
+`adapter_state_dict` need nothing per method.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from torch import nn
 
 from multimodal.adapt.adapters import AdapterConfig, add_adapters
 from multimodal.adapt.lora import LoRAConfig, add_lora, name_matches
+from multimodal.adapt.prefix import PrefixConfig, add_prefixes
+from multimodal.adapt.prompt import PromptConfig, add_prompts
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,24 @@ METHODS: tuple[Method, ...] = (  # applied in this order: LoRA before the adapte
         add_adapters,
         lambda c, n: f"{c.kind.capitalize()} adapters on {len(n)} sublayers",
     ),
+    Method(
+        "prefix",
+        PrefixConfig,
+        add_prefixes,
+        lambda c, n: f"prefixes of {c.length} keys/values in {_layers(n)} attention layers",
+    ),
+    Method(
+        "prompt",
+        PromptConfig,
+        add_prompts,
+        lambda c, n: f"{c.depth} prompts of {c.length} tokens ({len(n)} parameter tensors)",
+    ),
 )
+
+
+def _layers(names: list[str]) -> int:
+    """Layers holding the named prefix parameters (one module per layer)."""
+    return len({name.rsplit(".", 1)[0] for name in names})
 
 
 @dataclass
@@ -52,6 +70,10 @@ class AdaptConfig:
     Args:
         lora: low-rank updates of matched nn.Linear layers (`LoRAConfig`), or None.
         adapter: bottleneck adapters in every transformer block (`AdapterConfig`), or None.
+        prefix: learned key/value prefixes in self-attention layers of our towers
+            (`multimodal.adapt.prefix.PrefixConfig`), or None.
+        prompt: learned input tokens: soft prompts of text towers, visual prompt tokens of
+            the ViT (`multimodal.adapt.prompt.PromptConfig`), or None.
         freeze_base: freeze every parameter except the added ones and `train_also`'s.
         train_also: parameter name patterns that stay trainable (e.g. ["head", "logit_scale",
             "*.proj"]); a pattern without a dot matches any component of a parameter's name
@@ -62,6 +84,8 @@ class AdaptConfig:
 
     lora: LoRAConfig | None = None
     adapter: AdapterConfig | None = None
+    prefix: PrefixConfig | None = None
+    prompt: PromptConfig | None = None
     freeze_base: bool = True
     train_also: list[str] = field(default_factory=list)
 

@@ -26,6 +26,9 @@ SAFETENSORS_SUFFIX = ".safetensors"
 def config_classes() -> tuple[type, ...]:
     """The platform's config dataclasses a task may keep in its hyper-parameters: the only
     classes (beyond tensors and plain containers) a checkpoint may hold."""
+    from multimodal.adapt import AdaptConfig, AdapterConfig, LoRAConfig
+    from multimodal.adapt.prefix import PrefixConfig
+    from multimodal.adapt.prompt import PromptConfig
     from multimodal.layers.config import TransformerConfig
     from multimodal.tasks.optim import OptimConfig
     from text.config import TextConfig
@@ -34,6 +37,11 @@ def config_classes() -> tuple[type, ...]:
     from vision.vit import ViTConfig
 
     return (
+        AdaptConfig,
+        AdapterConfig,
+        LoRAConfig,
+        PrefixConfig,
+        PromptConfig,
         OptimConfig,
         TransformerConfig,
         TextConfig,

@@ -152,12 +152,6 @@ def test_yaml_adapt_with_init_from_fits_only_lora_and_train_also(tmp_path):
         torch.testing.assert_close(loaded.model.encode_text(ids), task.model.encode_text(ids))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task built in Python keeps its AdaptConfig object in the hyper-parameters: "
-    "multimodal.train.checkpoint_file.config_classes must list AdaptConfig, LoRAConfig and "
-    "AdapterConfig for the weights-only load",
-)
 def test_a_python_built_adapted_task_reloads_with_its_model(tmp_path):
     config = AdaptConfig(lora=LoRAConfig(rank=2))
     task = ContrastivePretraining(CLIP(tiny_vit(), tiny_text(), embed_dim=16), adapt=config)
@@ -180,3 +174,27 @@ def test_tasks_built_in_python_take_adapt():
     assert "model.logit_scale" in trainable
     assert all("lora_" in n for n in trainable - {"model.logit_scale"})
     assert len(trainable) == 2 * 2 * 4 * 2 + 1  # towers x blocks x Linears x (A, B) + scale
+
+
+def test_prefix_and_prompt_tuning_through_adapt_train_only_their_parameters_and_reload(tmp_path):
+    config = AdaptConfig(
+        prefix={"length": 3, "gate": True}, prompt={"length": 2, "towers": ["image_tower"]}
+    )
+    task = ContrastivePretraining(CLIP(tiny_vit(), tiny_text(), embed_dim=16), adapt=config)
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert trainable and all(".kv_prefix." in n or n.endswith("prompt") for n in trainable)
+    assert "model.image_tower.prompt" in trainable
+    assert any(n.startswith("model.text_tower.") for n in trainable)  # prefixes in both towers
+    with torch.no_grad():  # the prompt tokens and the gated prefixes: not yet the base's
+        for p in task.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / "prefix.ckpt"
+    save(task, path)
+    twin = CLIP(tiny_vit(seed=5), tiny_text(seed=5), embed_dim=16)
+    loaded = ContrastivePretraining.load_from_checkpoint(path, model=twin).eval()
+    images = batches(1)[0]["images"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model.encode_image(images), task.eval().model.encode_image(images)
+        )
