@@ -1,7 +1,8 @@
 """Fine-tuning and adapting pretrained models: LoRA, bottleneck adapters, prefix and prompt
 tuning, what stays trainable (`AdaptConfig`, `apply_adaptation`), adapter-only weights,
 layer-wise learning-rate decay (`layer_depths`, used by `OptimConfig.layer_decay`) and gradual
-unfreezing (`GradualUnfreezing`).
+unfreezing (`GradualUnfreezing`), and the losses and frozen teacher of distillation
+(`multimodal.tasks.ClipDistillation` and the others use them).
 
 Sits above `multimodal.models` and below `multimodal.tasks`: every task takes
 `adapt: AdaptConfig | None`.
@@ -9,6 +10,15 @@ Sits above `multimodal.models` and below `multimodal.tasks`: every task takes
 
 from multimodal.adapt.adapters import Adapter, AdapterConfig, add_adapters
 from multimodal.adapt.config import AdaptConfig, AdaptReport, apply_adaptation
+from multimodal.adapt.distill import (
+    DistillConfig,
+    FrozenTeacher,
+    clip_distill_loss,
+    clip_logits,
+    feature_distill_loss,
+    load_teacher,
+    soft_target_loss,
+)
 from multimodal.adapt.layer_decay import layer_depths
 from multimodal.adapt.lora import (
     LoRAConfig,
@@ -30,6 +40,8 @@ __all__ = [
     "AdaptReport",
     "Adapter",
     "AdapterConfig",
+    "DistillConfig",
+    "FrozenTeacher",
     "GradualUnfreezing",
     "LoRAConfig",
     "LoRALinear",
@@ -41,13 +53,18 @@ __all__ = [
     "add_prefixes",
     "add_prompts",
     "apply_adaptation",
+    "clip_distill_loss",
+    "clip_logits",
+    "feature_distill_loss",
     "layer_depths",
     "load_adapter",
+    "load_teacher",
     "lora_layers",
     "merge_lora",
     "merged_state_dict",
     "name_matches",
     "read_adapter",
     "save_adapter",
+    "soft_target_loss",
     "unmerge_lora",
 ]

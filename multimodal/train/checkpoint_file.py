@@ -26,7 +26,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 def config_classes() -> tuple[type, ...]:
     """The platform's config dataclasses a task may keep in its hyper-parameters: the only
     classes (beyond tensors and plain containers) a checkpoint may hold."""
-    from multimodal.adapt import AdaptConfig, AdapterConfig, LoRAConfig
+    from multimodal.adapt import AdaptConfig, AdapterConfig, DistillConfig, LoRAConfig
     from multimodal.adapt.prefix import PrefixConfig
     from multimodal.adapt.prompt import PromptConfig
     from multimodal.layers.config import TransformerConfig
@@ -39,6 +39,7 @@ def config_classes() -> tuple[type, ...]:
     return (
         AdaptConfig,
         AdapterConfig,
+        DistillConfig,
         LoRAConfig,
         PrefixConfig,
         PromptConfig,
