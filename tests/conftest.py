@@ -35,3 +35,23 @@ def demo_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     write_demo_shards(root, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_digits_clip(demo_shards, tmp_path_factory):
+    """configs/clip/digits.yaml trained as configured (32 epochs) on the demo shards, once per
+    session: its LightningCLI (model and datamodule; the datamodule's val split is the TEST
+    split, images never trained on) and a checkpoint `load_task` reads. The learning tests of
+    CLIP, distillation and LoRA share it instead of each training their own."""
+    from tests.helpers import cli_from_config, save_task
+
+    cli = cli_from_config(
+        "clip/digits.yaml",
+        "--data.init_args.train_urls", str(demo_shards / "train"),
+        "--data.init_args.val_urls", str(demo_shards / "test"),
+        "--data.init_args.num_workers", "2",
+        "--trainer.limit_val_batches", "0",
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, cli.datamodule)
+    path = save_task(cli.model, tmp_path_factory.mktemp("clip") / "digits.ckpt")
+    return cli, path

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from torch import Tensor
 
 from multimodal.short_runs import PRECISION_ENV
 
@@ -17,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-def test_precision() -> list[str]:
+def env_precision() -> list[str]:
     """`--trainer.precision P` of MULTIMODAL_PRECISION (set by conftest on CPUs that emulate
     bf16), [] when unset: the configs' bf16-mixed would be ~17x slower there."""
     precision = os.environ.get(PRECISION_ENV, "").strip()
@@ -49,7 +51,7 @@ def cli_from_config(config: str, *overrides: str) -> LightningCLI:
         "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     )  # fmt: skip
-    args = ["--config", str(CONFIGS / config), *quiet, *test_precision(), *overrides]
+    args = ["--config", str(CONFIGS / config), *quiet, *env_precision(), *overrides]
     return _NoCheckpointsCLI(run=False, args=args, save_config_callback=None)
 
 
@@ -93,3 +95,32 @@ def fit_briefly(
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"max_steps={steps}" in result.stdout + result.stderr
     return result
+
+
+def held_out_zeroshot(model, datamodule) -> tuple[Tensor, Tensor]:
+    """Zero-shot classification of the 10 digits over `datamodule`'s val loader with the
+    prompt templates held out of training: (per-sample correctness, labels)."""
+    from multimodal.data.demo import HELD_OUT_TEMPLATES, render_captions
+    from multimodal.eval.zeroshot import zeroshot_classifier, zeroshot_logits
+
+    model = model.eval()
+    classifier = zeroshot_classifier(
+        model,
+        datamodule.tokenizer,
+        [render_captions(c, HELD_OUT_TEMPLATES) for c in range(10)],
+        context_length=datamodule.context_length,
+    )
+    right, labels = [], []
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            logits = zeroshot_logits(model.encode_image(batch["images"]), classifier)
+            right.append(logits.argmax(1) == batch["labels"])
+            labels.append(batch["labels"])
+    return torch.cat(right), torch.cat(labels)
+
+
+def save_task(task: pl.LightningModule, path: Path) -> Path:
+    """`task`'s weights and hyper-parameters in the checkpoint format `load_task` reads (what
+    `multimodal fit` writes, less the trainer state)."""
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    return path

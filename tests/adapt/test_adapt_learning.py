@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from multimodal.data.demo import HELD_OUT_TEMPLATES, demo_samples, render_captions
+from multimodal.data.demo import demo_samples
 from multimodal.data.shards import write_shards
-from multimodal.eval.zeroshot import zeroshot_classifier, zeroshot_logits
-from tests.helpers import cli_from_config
+from tests.helpers import cli_from_config, held_out_zeroshot
 
 SEEN = 6  # digits 0-5 in the base run
 
@@ -29,23 +28,9 @@ def six_digit_shards(root: Path) -> Path:
 def zeroshot_top1(task: torch.nn.Module, datamodule) -> tuple[float, float]:
     """Held-out-template zero-shot top-1 over the 10 digits on the val split: (all digits, the
     4 digits of the fine-tune only)."""
-    model = task.model.eval()
-    classifier = zeroshot_classifier(
-        model,
-        datamodule.tokenizer,
-        [render_captions(c, HELD_OUT_TEMPLATES) for c in range(10)],
-        context_length=datamodule.context_length,
-    )
-    right, labels = [], []
-    with torch.no_grad():
-        for batch in datamodule.val_dataloader():
-            logits = zeroshot_logits(model.encode_image(batch["images"]), classifier)
-            right.append(logits.argmax(1) == batch["labels"])
-            labels.append(batch["labels"])
-    right_all, labels_all = torch.cat(right), torch.cat(labels)
-    assert len(labels_all) == 270
-    unseen = labels_all >= SEEN
-    return right_all.float().mean().item(), right_all[unseen].float().mean().item()
+    right, labels = held_out_zeroshot(task.model, datamodule)
+    assert len(labels) == 270
+    return right.float().mean().item(), right[labels >= SEEN].float().mean().item()
 
 
 @pytest.mark.slow

@@ -11,28 +11,28 @@ from tests.helpers import cli_from_config
 from tests.tasks.test_vision_language_training import data_overrides
 
 
-def fit_config(config: str, shards) -> tuple[dict[str, float], float]:
+def fit_config(config: str, shards) -> dict[str, float]:
+    """The config's run on the demo shards; its final metrics (the time is printed: timings
+    belong to benchmarks, and on a shared or bf16-emulating CPU they measure the machine)."""
     cli = cli_from_config(config, *data_overrides(config, shards))
     cli.datamodule.num_workers = 2  # as in the config: decoding in parallel with training
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    return metrics, time.perf_counter() - start
+    print(f"{config}: {time.perf_counter() - start:.0f} s")
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 
 @pytest.mark.slow
 def test_captioning_config_writes_the_digit_captions(demo_shards):
     # 15 epochs: 95.6% exact match in 83 s on 2 cores
-    metrics, seconds = fit_config("caption/digits.yaml", demo_shards)
+    metrics = fit_config("caption/digits.yaml", demo_shards)
     assert metrics["val/exact_match"] >= 0.90, metrics
     # a caption equal to one of its references has BLEU 1 against them
     assert metrics["val/bleu_4"] >= 0.85 and metrics["val/rouge_l"] >= 0.85, metrics
-    assert seconds < 240
 
 
 @pytest.mark.slow
 def test_vqa_config_answers_the_digit_questions(demo_shards):
     # 30 epochs: 91.7% VQA accuracy in 212 s on 2 cores (the answer prior alone scores 40%)
-    metrics, seconds = fit_config("vqa/digits.yaml", demo_shards)
+    metrics = fit_config("vqa/digits.yaml", demo_shards)
     assert metrics["val/acc"] >= 0.85, metrics
-    assert seconds < 400
