@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
@@ -223,7 +223,8 @@ class PlatformCLI(LightningCLI):
 
     def before_fit(self) -> None:
         warn_if_processes_exceed_cores(self.trainer)
-        warn_if_bf16_is_emulated(self.trainer)
+        # said when training starts: a run that fails in its set-up prints its error alone
+        self.trainer.callbacks.append(EmulatedBf16Notice())
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
@@ -248,20 +249,20 @@ def warn_if_processes_exceed_cores(trainer: Trainer) -> None:
         )
 
 
-def warn_if_bf16_is_emulated(trainer: Trainer) -> None:
-    """One notice (from the launching process) when a CPU run asks for bf16 and this CPU
-    computes it in software (several times slower than fp32)."""
-    from lightning.pytorch.accelerators import CPUAccelerator
+class EmulatedBf16Notice(Callback):
+    """One notice (from rank 0) when training starts on CPU in bf16 and this CPU computes bf16
+    in software (several times slower than fp32)."""
 
-    from multimodal.train.cpu_precision import slow_bf16_notice
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        from lightning.pytorch.accelerators import CPUAccelerator
 
-    if not isinstance(trainer.accelerator, CPUAccelerator) or not trainer.is_global_zero:
-        return
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    notice = slow_bf16_notice(trainer.precision)
-    if notice:
-        print(notice, file=sys.stderr)
+        from multimodal.train.cpu_precision import slow_bf16_notice
+
+        if not isinstance(trainer.accelerator, CPUAccelerator) or not trainer.is_global_zero:
+            return
+        notice = slow_bf16_notice(trainer.precision)
+        if notice:
+            print(notice, file=sys.stderr)
 
 
 def _unknown_command(name: str) -> str:

@@ -1,7 +1,7 @@
 """Short runs from the environment: `MULTIMODAL_MAX_STEPS=N` caps every `fit` / `validate` /
 `test` / `predict` (and `multimodal demo`) at N optimizer steps and N batches per evaluation
-loop, and `MULTIMODAL_PRECISION=P` runs them at Trainer precision P, without touching the
-command line.
+loop (validating once, at step N), and `MULTIMODAL_PRECISION=P` runs them at Trainer
+precision P, without touching the command line.
 
 They exist so that the README's commands and the configs can be run verbatim by tests
 (tests/test_readme.py) in seconds instead of hours, also on CPUs where the configs' bf16-mixed
@@ -49,6 +49,14 @@ def max_steps_overrides() -> list[str]:
     args = ["--trainer.max_steps", str(steps)]
     for limit in _LIMITS:
         args += [f"--trainer.{limit}", str(steps)]
+    # validate once at step N (not only at an epoch's end, which a short run never reaches),
+    # so that the run's best checkpoint and validation code exist too
+    args += [
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.check_val_every_n_epoch",
+        "null",
+    ]
     print(f"{ENV}={steps}: {' '.join(args)}", file=sys.stderr)
     return args
 

@@ -6,14 +6,37 @@ from __future__ import annotations
 import pytest
 
 from multimodal import short_runs
-from multimodal.short_runs import ENV, with_short_run_overrides
+from multimodal.short_runs import ENV, PRECISION_ENV, with_short_run_overrides
 
 CAPPED = [
     "--trainer.max_steps", "3",
     "--trainer.limit_val_batches", "3",
     "--trainer.limit_test_batches", "3",
     "--trainer.limit_predict_batches", "3",
+    "--trainer.val_check_interval", "3",
+    "--trainer.check_val_every_n_epoch", "null",
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _no_precision_override(monkeypatch):
+    """tests/conftest.py sets MULTIMODAL_PRECISION on CPUs that emulate bf16; unset here."""
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+
+
+def test_precision_goes_before_the_users_trainer_arguments(monkeypatch, capsys):
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(PRECISION_ENV, "32-true")
+    args = ["fit", "--config", "a.yaml", "--trainer.precision", "bf16-mixed"]
+    override = ["--trainer.precision", "32-true"]
+    assert with_short_run_overrides(args) == [*args[:3], *override, *args[3:]]  # the user's wins
+    assert with_short_run_overrides(["fit", "--config", "a.yaml"]) == [
+        "fit",
+        "--config",
+        "a.yaml",
+        *override,
+    ]
+    assert f"{PRECISION_ENV}=32-true: --trainer.precision 32-true" in capsys.readouterr().err
 
 
 def test_unset_leaves_the_arguments_alone(monkeypatch):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -173,3 +173,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         context = self.precision_plugin.predict_step_context()
         return self._through_root("predict_step", context, *args, **kwargs)
+
+
+# `--trainer.strategy fsdp2` (a class path given as a string is taken for a strategy name)
+StrategyRegistry.register(
+    "fsdp2",
+    FSDP2Strategy,
+    description="FSDP2 (fully_shard) of every transformer block and the task root",
+    override=True,
+)
