@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multimodal.models.distributed import gather_features, rank_and_world
-
 
 @dataclass
 class DistillConfig:
@@ -141,34 +139,6 @@ def soft_target_loss(
         )
     keep = mask.reshape(-1).to(per_row.dtype)
     return (per_row * keep).sum() / keep.sum().clamp(min=1) * temperature**2
-
-
-def clip_logits(
-    image_features: Tensor,
-    text_features: Tensor,
-    logit_scale: Tensor | float,
-    *,
-    local_loss: bool = False,
-    gather_with_grad: bool = True,
-    across_ranks: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """(logits_per_image, logits_per_text) of a CLIP batch, laid out as `clip_loss` lays out
-    its own: the features of every rank are gathered (in rank order), so the logits cover the
-    global batch: (N, N), or (B, N) this rank's rows against every column with `local_loss`.
-    A teacher's features go through the same call, so its logits match the student's entry
-    for entry. Without `torch.distributed` (or with across_ranks=False) N = B.
-    """
-    all_images, all_texts = image_features, text_features
-    if across_ranks and rank_and_world()[1] > 1:
-        all_images = gather_features(image_features, with_grad=gather_with_grad)  # (N, D)
-        all_texts = gather_features(text_features, with_grad=gather_with_grad)  # (N, D)
-    if local_loss:
-        return (
-            logit_scale * image_features @ all_texts.T,  # (B, N)
-            logit_scale * text_features @ all_images.T,  # (B, N)
-        )
-    logits_per_image = logit_scale * all_images @ all_texts.T  # (N, N)
-    return logits_per_image, logits_per_image.T
 
 
 # ---------------------------------------------------------------- the teacher

@@ -14,6 +14,34 @@ from torch import Tensor
 from multimodal.models.distributed import gather_features, rank_and_world
 
 
+def clip_logits(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor | float,
+    *,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+    across_ranks: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(logits_per_image, logits_per_text) of a CLIP batch, laid out as `clip_loss` lays out
+    its own: the features of every rank are gathered (in rank order), so the logits cover the
+    global batch: (N, N), or (B, N) this rank's rows against every column with `local_loss`.
+    A teacher's features go through the same call, so its logits match the student's entry
+    for entry. Without `torch.distributed` (or with across_ranks=False) N = B.
+    """
+    all_images, all_texts = image_features, text_features
+    if across_ranks and rank_and_world()[1] > 1:
+        all_images = gather_features(image_features, with_grad=gather_with_grad)  # (N, D)
+        all_texts = gather_features(text_features, with_grad=gather_with_grad)  # (N, D)
+    if local_loss:
+        return (
+            logit_scale * image_features @ all_texts.T,  # (B, N)
+            logit_scale * text_features @ all_images.T,  # (B, N)
+        )
+    logits_per_image = logit_scale * all_images @ all_texts.T  # (N, N)
+    return logits_per_image, logits_per_image.T
+
+
 def clip_loss(
     image_features: Tensor,
     text_features: Tensor,
@@ -47,19 +75,16 @@ def clip_loss(
         across_ranks: False: this rank's batch alone, no collective (validation, whose ranks
             may hold different numbers of batches and items).
     """
-    rank, all_images, all_texts = 0, image_features, text_features
-    if across_ranks:
-        rank, _ = rank_and_world()
-        all_images = gather_features(image_features, with_grad=gather_with_grad)  # (N, D)
-        all_texts = gather_features(text_features, with_grad=gather_with_grad)  # (N, D)
-    if local_loss:
-        logits_per_image = logit_scale * image_features @ all_texts.T  # (B, N)
-        logits_per_text = logit_scale * text_features @ all_images.T  # (B, N)
-        offset = rank * image_features.shape[0]
-    else:
-        logits_per_image = logit_scale * all_images @ all_texts.T  # (N, N)
-        logits_per_text = logits_per_image.T
-        offset = 0
+    logits_per_image, logits_per_text = clip_logits(
+        image_features,
+        text_features,
+        logit_scale,
+        local_loss=local_loss,
+        gather_with_grad=gather_with_grad,
+        across_ranks=across_ranks,
+    )
+    rank = rank_and_world()[0] if across_ranks and local_loss else 0
+    offset = rank * image_features.shape[0]  # local_loss: this rank's rows of the global batch
     labels = torch.arange(logits_per_image.shape[0], device=image_features.device) + offset
     return (
         F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)

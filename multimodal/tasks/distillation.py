@@ -25,12 +25,12 @@ from multimodal.adapt.distill import (
     DistillConfig,
     FrozenTeacher,
     clip_distill_loss,
-    clip_logits,
     feature_distill_loss,
     load_teacher,
     soft_target_loss,
 )
 from multimodal.models.clip import ClipLike, CLIPOutput
+from multimodal.models.losses import clip_logits
 from multimodal.tasks.contrastive import ContrastivePretraining
 from multimodal.tasks.language_modeling import (
     IGNORE,
