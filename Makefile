@@ -34,6 +34,7 @@ bench: install
 	$(PY) bench/mfu.py
 	$(PY) bench/accumulation.py
 	$(PY) bench/fsdp.py
+	$(PY) bench/adapt.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
