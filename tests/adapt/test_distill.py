@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from multimodal.tasks import (
 from multimodal.train.checkpoint_file import read_checkpoint
 from tests.helpers import cli_from_config, quiet_trainer
 from tests.tasks.test_vision_language_training import data_overrides
+from tests.train.test_accumulation import _free_port, image_text
 from text import DecoderLM, EncoderLM, TextConfig, TextEncoder
 from vision import ViT, ViTConfig
 
@@ -197,16 +197,6 @@ def tiny_clip(dim: int = 32, embed_dim: int = 16, seed: int = 0) -> CLIP:
         )
     )
     return CLIP(vit, text, embed_dim=embed_dim)
-
-
-def image_text(n: int, seed: int = 1) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(8).expand(n, 8) < torch.randint(3, 9, (n, 1), generator=g)
-    return {
-        "images": torch.randn(n, 3, 16, 16, generator=g),
-        "input_ids": torch.randint(3, 40, (n, 8), generator=g),
-        "attention_mask": mask,
-    }
 
 
 def clip_task(**kwargs) -> ClipDistillation:
@@ -410,12 +400,6 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         results.update({f"{key}/grad/{n}": p.grad for n, p in task.named_parameters()})
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_teacher_logits_cover_the_global_batch(tmp_path):
