@@ -26,8 +26,9 @@ class TransformerConfig:
     `rope_scaling` = linear position interpolation), "alibi" or "t5" (relative biases;
     T5 buckets: `relative_buckets`, `relative_max_distance`).
 
-    Feed-forward: `activation` "relu", "gelu", "quick_gelu", "swiglu", "geglu"; hidden width
-    `mlp_hidden_dim` or mlp_ratio * dim. `n_experts` > 0 makes it a mixture of experts with
+    Feed-forward: `activation` "relu", "gelu", "gelu_tanh", "quick_gelu", "swiglu", "geglu",
+    "geglu_tanh" (the _tanh ones: GELU's tanh approximation); hidden width `mlp_hidden_dim` or
+    mlp_ratio * dim. `n_experts` > 0 makes it a mixture of experts with
     `moe_top_k` routing and `moe_capacity_factor`.
 
     Norms: `norm` "layernorm" or "rmsnorm", `norm_order` "pre" (a final norm closes the stack

@@ -13,13 +13,23 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class TanhGELU(nn.GELU):
+    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): what GPT-2
+    and T5 v1.1 ("gelu_new") were trained with."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+
 # name -> (activation factory, gated). A gated MLP computes act(x W_gate) * (x W_up).
 ACTIVATIONS: dict[str, tuple[type[nn.Module], bool]] = {
     "relu": (nn.ReLU, False),
     "gelu": (nn.GELU, False),
+    "gelu_tanh": (TanhGELU, False),
     "quick_gelu": (QuickGELU, False),
     "swiglu": (nn.SiLU, True),
     "geglu": (nn.GELU, True),
+    "geglu_tanh": (TanhGELU, True),
 }
 
 
@@ -37,7 +47,8 @@ class FeedForward(nn.Module):
     Args:
         dim: model width.
         hidden_dim: width of the hidden layer (for gated activations, of each of its two halves).
-        activation: one of `ACTIVATIONS` ("relu", "gelu", "quick_gelu", "swiglu", "geglu").
+        activation: one of `ACTIVATIONS` ("relu", "gelu", "gelu_tanh", "quick_gelu", "swiglu",
+            "geglu", "geglu_tanh").
         bias: whether the linear layers have biases.
         dropout: dropout on the output.
     """

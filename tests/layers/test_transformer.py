@@ -235,12 +235,19 @@ def test_rmsnorm_and_layernorm_match_their_formulas():
     torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def tanh_gelu(a: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation, written out."""
+    return 0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))
+
+
 @pytest.mark.parametrize(
     "activation,reference",
     [
         ("relu", lambda a, b: torch.relu(a)),
         ("gelu", lambda a, b: 0.5 * a * (1 + torch.erf(a / math.sqrt(2)))),
         ("swiglu", lambda a, b: a * torch.sigmoid(a) * b),
+        ("gelu_tanh", lambda a, b: tanh_gelu(a)),
+        ("geglu_tanh", lambda a, b: tanh_gelu(a) * b),
     ],
 )
 def test_feed_forward_matches_its_formula(activation, reference):
