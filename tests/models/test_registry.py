@@ -125,6 +125,7 @@ def test_overrides_are_applied():
     # nanoGPT's padded vocabulary: 47 more embedding rows, the tied head follows
     assert n_params(gpt) == PUBLISHED["gpt2_124m"][0] + 47 * 768
     assert gpt.config.transformer.attn_dropout == 0.0
+    assert gpt.config.eos_id == gpt.config.pad_id == 50256  # GPT-2's <|endoftext|> stays
     assert len(coca.decoder.transformer.blocks) == 6
     assert len(coca.text_tower.transformer.blocks) == 12
 
