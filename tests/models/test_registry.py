@@ -28,7 +28,10 @@ from text import DecoderLM, NextSentenceHead, TextConfig
 from vision import ViT
 
 # preset -> (published parameter count, parameters the published count has that the preset
-# leaves to a head, where the number comes from)
+# leaves to a head, where the number comes from). The timm and open_clip counts are rebuilt
+# below; the Hugging Face ones are those of transformers' BertModel(BertConfig()),
+# GPT2LMHeadModel(GPT2Config()) and T5ForConditionalGeneration(T5Config()) built on the meta
+# device (transformers 5.24; not rebuilt here: building them takes ~13 s on 2 cores)
 PUBLISHED: dict[str, tuple[int, int, str]] = {
     # timm vit_base_patch16_224 (the paper's "86M"): tower + 1000-class head (768 x 1000 + 1000)
     "vit_b16": (86_567_656, 768 * 1000 + 1000, "timm vit_base_patch16_224"),
