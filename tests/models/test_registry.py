@@ -22,8 +22,8 @@ from multimodal.models import (
     register_model,
     registry,
 )
-from multimodal.tasks import CausalLM, ContrastivePretraining
-from tests.helpers import cli_from_config
+from multimodal.tasks import CausalLM, ContrastivePretraining, load_task
+from tests.helpers import cli_from_config, save_task
 from text import DecoderLM, NextSentenceHead, TextConfig
 from vision import ViT
 
@@ -186,7 +186,8 @@ CAUSAL_LM_YAML = """
 )
 def test_a_config_names_a_preset_as_class_path(tmp_path, yaml, task, model):
     """jsonargparse takes a function returning the expected type as a `class_path`; its
-    keyword parameters are the `init_args`, checked by the parser."""
+    keyword parameters are the `init_args`, checked by the parser. A checkpoint of the task
+    rebuilds from its hyper-parameters (`load_task`) through the same function."""
     path = tmp_path / "config.yaml"
     path.write_text("trainer:\n  max_steps: 1\n" + textwrap.dedent(yaml))
     cli = cli_from_config(str(path))
@@ -201,6 +202,10 @@ def test_a_config_names_a_preset_as_class_path(tmp_path, yaml, task, model):
     else:
         assert isinstance(built.config, TextConfig) and built.config.vocab_size == 64
         assert built.config.transformer.dim == 32 and built.config.max_positions == 16
+    loaded = load_task(save_task(cli.model, tmp_path / "task.ckpt"))
+    assert type(loaded.model) is model
+    for key, value in cli.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_every_preset_has_typed_keyword_overrides_and_a_docstring():
