@@ -117,7 +117,7 @@ def _load(
 def _token_id(config: PretrainedConfig, field: str, default: int | None = None) -> int | None:
     """A special token id of the Hugging Face config, checked against its vocabulary."""
     value = getattr(config, field, None)
-    if isinstance(value, list):  # several end ids: generation stops at the first
+    if isinstance(value, list):  # several end ids: we keep one, the first
         value = value[0] if value else None
     if value is None:
         return default
@@ -526,7 +526,12 @@ def _t5_decoder_start(model: PreTrainedModel, default: int) -> int:
     for config in (model.generation_config, model.config):
         value = getattr(config, "decoder_start_token_id", None)
         if value is not None:
-            return _token_id(config, "decoder_start_token_id") if config is model.config else value
+            if not 0 <= value < model.config.vocab_size:
+                raise ValueError(
+                    f"{type(config).__name__}.decoder_start_token_id={value} is outside the "
+                    f"vocabulary [0, vocab_size={model.config.vocab_size})"
+                )
+            return value
     return default
 
 

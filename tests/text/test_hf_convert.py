@@ -234,10 +234,14 @@ def test_unsupported_config_names_the_field(convert, config, field):
         convert(config)
 
 
-def test_a_weight_without_counterpart_is_named():
+def test_weights_that_do_not_fit_are_named():
     hf = small_gpt2()
     hf.transformer.h[1].attn.extra = nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match=r"'h\.1\.attn\.extra'"):
+        gpt2_from_hf(hf)
+    hf = small_gpt2()
+    hf.config.n_inner = 64  # the config no longer describes the weights (4 * 32 wide)
+    with pytest.raises(ValueError, match=r"'transformer\.blocks\.0\.mlp\.fc1\.weight'"):
         gpt2_from_hf(hf)
 
 
