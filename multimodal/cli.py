@@ -83,6 +83,20 @@ def retrieval(args: list[str]) -> int:
     return retrieval_main(args)
 
 
+def export(args: list[str]) -> int:
+    """`multimodal export ...`: a checkpoint's embedding towers to ONNX or torch.export."""
+    from multimodal.export.commands import export_main
+
+    return export_main(args)
+
+
+def quantize(args: list[str]) -> int:
+    """`multimodal quantize ...`: a checkpoint to int8 for the CPU, zero-shot before/after."""
+    from multimodal.export.commands import quantize_main
+
+    return quantize_main(args)
+
+
 def estimate(args: list[str]) -> int:
     """`multimodal estimate --config X ...`: memory, FLOPs and step time of a config, preflight."""
     from multimodal.train.estimate import main as estimate_main
@@ -98,6 +112,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "zeroshot": Command("zero-shot classification report of a checkpoint on shards", zeroshot),
     "retrieval": Command("image-text retrieval report of a checkpoint on shards", retrieval),
+    "export": Command("export a checkpoint's image/text embedding to ONNX or .pt2", export),
+    "quantize": Command("int8 CPU model of a checkpoint, with zero-shot before/after", quantize),
     "estimate": Command(
         "memory per device, FLOPs and step time of a config, without allocating it", estimate
     ),
