@@ -315,8 +315,8 @@ def export_towers(
     save = save_pt2 if format == "pt2" else save_onnx
     for tower in towers:
         module = EMBEDDERS[tower](model).eval()
-        path = save(module, example_inputs(tower, spec, EXAMPLE_BATCH, generator=generator),
-                    out / f"{tower}.{format}")  # fmt: skip
+        traced = example_inputs(tower, spec, EXAMPLE_BATCH, generator=generator)
+        path = save(module, traced, out / f"{tower}.{format}")
         check = example_inputs(tower, spec, check_batch, generator=generator)
         diff = max_abs_diff(load_runner(path), module, check)
         manifest.files.append(

@@ -5,11 +5,12 @@ Route: `torch.ao.quantization.quantize_dynamic` on every `nn.Linear` (int8 weigh
 per output channel; activations quantized per batch at run time; embeddings, norms and the
 attention kernel stay fp32). On torch 2.14.1 it still works although `torch.ao.quantization`
 warns that it is deprecated (its warnings are silenced here, the calls do not change); its
-fbgemm/x86 kernels ran a ViT-B/16 tower about 2.9x faster than fp32 on a 2-core CPU.
+fbgemm/x86 kernels ran the CLIP ViT-B/16 image embedding 1.6x faster than fp32 at batch 32
+(bench/inference.py, a shared 2-core CPU; 2.9x on a 4-layer one at batch 8), cosine >= 0.9995.
 torchao 0.18's `Int8DynamicActivationInt8WeightConfig` was tried first: it quantizes and
-stays accurate, but eager it ran the same tower about 13x *slower* than fp32 (its int8 matmul
-falls back to unfused Python-level ops on CPU without `torch.compile`), and compiling at every
-load is no option for an evaluation command; so torchao is not used.
+stays accurate, but run eagerly it made a 4-layer ViT-B tower about 13x *slower* than fp32 on
+this CPU (no fused int8 CPU kernel without `torch.compile`), and compiling at every load
+(minutes on 2 cores) is no option for an evaluation command; so torchao is not used.
 
 File (`save_quantized` / `load_quantized`): a torch file of plain values only (read with
 `weights_only=True`): the quantized state dict, the run's model and data config sections
