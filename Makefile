@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2  # pytest-xdist processes; each gets its share of the cores (tests/conftest.py)
 
 .PHONY: install test lint demo bench clean
 
@@ -11,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
+	$(PY) -m pip install --quiet -e '.[dev,hf,export]' -c constraints.txt
 	touch $(STAMP)
 
 lint: install
@@ -19,7 +20,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 demo: install
 	$(VENV)/bin/multimodal demo
@@ -35,6 +36,7 @@ bench: install
 	$(PY) bench/accumulation.py
 	$(PY) bench/fsdp.py
 	$(PY) bench/adapt.py
+	$(PY) bench/inference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

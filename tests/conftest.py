@@ -12,6 +12,14 @@ from multimodal.train.cpu_precision import cpu_has_native_bf16
 if cpu_has_native_bf16() is False and not torch.cuda.is_available():
     os.environ.setdefault(PRECISION_ENV, "32-true")
 
+# Under pytest-xdist (`make test` runs two workers) each worker, and every process it starts,
+# gets its share of the cores: torch's default of one thread per core in each worker would
+# oversubscribe the CPU and spin.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -30,6 +30,7 @@ def trained(config: str, *overrides: str):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_digits_clip")  # one worker trains the shared CLIP
 def test_distilled_student_beats_the_student_trained_alone(trained_digits_clip, demo_shards):
     _, teacher_path = trained_digits_clip
     data = (*data_overrides("clip/digits.yaml", demo_shards), "--data.init_args.num_workers", "1")

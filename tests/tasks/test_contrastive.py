@@ -10,6 +10,7 @@ from tests.helpers import held_out_zeroshot
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_digits_clip")  # one worker trains the shared CLIP
 def test_clip_reaches_90_percent_zero_shot_on_held_out_digits(trained_digits_clip):
     # batch 64, 32 epochs: 94-97% zero-shot top-1 on the test split (batch 128: 90-95%)
     cli, _ = trained_digits_clip
