@@ -161,6 +161,7 @@ def load_model(
     Either `checkpoint` is a `multimodal fit` checkpoint (.ckpt) and `config` its fit config
     (default: the config.yaml saved with the run), or `open_clip` names an open_clip
     architecture whose weights are `checkpoint` (a local state dict) or `pretrained` (a tag).
+    An int8 file of `multimodal quantize` loads as its CPU model.
     """
     if open_clip is not None:
         if config is not None:
@@ -173,6 +174,15 @@ def load_model(
             raise ValueError(
                 "nothing to evaluate: pass --checkpoint RUN.ckpt (with --config) or --open-clip"
             )
+        from multimodal.export.quantize import is_quantized_file, load_quantized
+
+        if is_quantized_file(checkpoint):  # written by `multimodal quantize`: CPU int8
+            if config is not None or torch.device(device).type != "cpu":
+                raise ValueError(
+                    f"{str(checkpoint)!r} is an int8 model of `multimodal quantize`: it holds "
+                    "its config and runs on the CPU only (no --config, no --device cuda)"
+                )
+            return load_quantized(checkpoint)
         loaded = load_lightning(checkpoint, config)
     loaded.model.to(device)
     return loaded

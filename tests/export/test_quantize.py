@@ -77,8 +77,13 @@ def test_quantize_command_writes_a_file_that_loads_and_evaluates(
     assert metrics["fp32"]["n_samples"] == metrics["int8"]["n_samples"] == 40
     change = 100 * (metrics["int8"]["top1"] - metrics["fp32"]["top1"])
     assert metrics["top1_change_points"] == pytest.approx(change)
-    # the reported accuracies are those of the checkpoint and of the file written
-    for name, model in (("fp32", load_model(checkpoint, config=config)), ("int8", loaded)):
+    # the reported accuracies are those of the checkpoint and of the file written, loaded as
+    # the evaluation commands load them (`multimodal zeroshot --checkpoint int8.pt` works)
+    int8 = load_model(out)
+    assert not [m for m in int8.model.modules() if type(m) is nn.Linear]
+    with pytest.raises(ValueError, match="int8 model of `multimodal quantize`"):
+        load_model(out, config=config)
+    for name, model in (("fp32", load_model(checkpoint, config=config)), ("int8", int8)):
         loaders = partial(eval_loader, str(few_digits), model, num_workers=0)
         run = run_zeroshot(model, loaders, class_names("digits"), templates("digits"),
                            n_examples=0, progress=False)  # fmt: skip
