@@ -48,9 +48,16 @@ def demo_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_digits_clip(demo_shards, tmp_path_factory):
     """configs/clip/digits.yaml trained as configured (32 epochs) on the demo shards, once per
-    session: its LightningCLI (model and datamodule; the datamodule's val split is the TEST
+    test run: its LightningCLI (model and datamodule; the datamodule's val split is the TEST
     split, images never trained on) and a checkpoint `load_task` reads. The learning tests of
-    CLIP, distillation and LoRA share it instead of each training their own."""
+    CLIP, distillation and int8 quantization share it instead of each training their own.
+
+    Under pytest-xdist their `xdist_group` mark usually sends them to one worker, but the
+    scheduler does not guarantee it (measured: it split the group in 2 of 4 runs), so the
+    workers share one checkpoint in the run's temp folder: the first trains it under a file
+    lock, the others wait and load its weights."""
+    from filelock import FileLock
+
     from tests.helpers import cli_from_config, save_task
 
     cli = cli_from_config(
@@ -60,6 +67,15 @@ def trained_digits_clip(demo_shards, tmp_path_factory):
         "--data.init_args.num_workers", "2",
         "--trainer.limit_val_batches", "0",
     )  # fmt: skip
-    cli.trainer.fit(cli.model, cli.datamodule)
-    path = save_task(cli.model, tmp_path_factory.mktemp("clip") / "digits.ckpt")
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the folder of this run that every worker's folder is in
+    path = shared / "trained_digits_clip.ckpt"
+    with FileLock(f"{path}.lock"):
+        if path.is_file():
+            cli.model.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+        else:
+            cli.trainer.fit(cli.model, cli.datamodule)
+            partial = path.with_suffix(".partial")
+            os.replace(save_task(cli.model, partial), path)
     return cli, path
