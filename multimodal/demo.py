@@ -180,16 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trained = time.perf_counter() - start
 
     datamodule, model = cli.datamodule, cli.model.model
-    loaded = LoadedModel(
-        model=model.eval(),
-        tokenizer=datamodule.tokenizer,
-        context_length=datamodule.context_length,
-        transform=datamodule.transform.eval(),
-        mean=tuple(datamodule.transform.mean),
-        std=tuple(datamodule.transform.std),
-        description=f"CLIP of {config.name}, {cli.trainer.current_epoch} epochs",
-        data_tokenizer=datamodule.tokenizer,
-    )
+    description = f"CLIP of {config.name}, {cli.trainer.current_epoch} epochs"
+    loaded = LoadedModel.from_datamodule(model.eval(), datamodule, description)
     loaders = partial(eval_loader, str(data / "test"), loaded, num_workers=args.num_workers)
     zeroshot = run_zeroshot(
         loaded, loaders, names.class_names("digits"), names.templates("digits"), progress=progress

@@ -51,6 +51,21 @@ class LoadedModel:
     description: str
     data_tokenizer: Tokenizer
 
+    @classmethod
+    def from_datamodule(cls, model: nn.Module, data: Any, description: str) -> LoadedModel:
+        """`model` fed as the image-text datamodule `data` feeds it: its tokenizer, context
+        length and evaluation transform."""
+        return cls(
+            model=model,
+            tokenizer=data.tokenizer,
+            context_length=data.context_length,
+            transform=data.transform.eval(),
+            mean=tuple(data.transform.mean),
+            std=tuple(data.transform.std),
+            description=description,
+            data_tokenizer=data.tokenizer,
+        )
+
 
 def instantiate_model_and_data(
     config: str | os.PathLike, checkpoint: str | os.PathLike | None = None
@@ -101,16 +116,8 @@ def load_lightning(checkpoint: str | os.PathLike, config: str | os.PathLike | No
                 f"{attribute}; expected an image-text datamodule such as ImageTextDataModule"
             )
     model.eval()
-    return LoadedModel(
-        model=model,
-        tokenizer=data.tokenizer,
-        context_length=data.context_length,
-        transform=data.transform.eval(),
-        mean=tuple(data.transform.mean),
-        std=tuple(data.transform.std),
-        description=f"{type(model).__name__} from {checkpoint} (config {config})",
-        data_tokenizer=data.tokenizer,
-    )
+    description = f"{type(model).__name__} from {checkpoint} (config {config})"
+    return LoadedModel.from_datamodule(model, data, description)
 
 
 def _normalization(preprocess: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -21,6 +21,7 @@ fp32 model from the config, quantizes its structure the same way and loads the i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
@@ -98,8 +99,13 @@ def save_quantized(
 
 
 def is_quantized_file(path: str | os.PathLike) -> bool:
-    """Whether `path` is a file written by `save_quantized` (read weights-only)."""
-    content = read_checkpoint(path)
+    """Whether `path` is a file written by `save_quantized` (read weights-only, its tensors
+    mapped, not read: the evaluation loader asks this of every checkpoint). A file that cannot
+    be mapped is not one (`save_quantized` writes torch's zip format)."""
+    try:
+        content = read_checkpoint(path, mmap=True)
+    except ValueError:
+        return False
     return isinstance(content, dict) and content.get("format") == FORMAT
 
 
@@ -123,21 +129,11 @@ def load_quantized(path: str | os.PathLike) -> LoadedModel:
     model = quantize_int8(task.model, inplace=True)
     with _quiet_deprecation():
         model.load_state_dict(content["state_dict"], strict=True)
-    return LoadedModel(
-        model=model.eval(),
-        tokenizer=data.tokenizer,
-        context_length=data.context_length,
-        transform=data.transform.eval(),
-        mean=tuple(data.transform.mean),
-        std=tuple(data.transform.std),
-        description=f"{type(model).__name__} int8 from {path} ({content.get('source', '')})",
-        data_tokenizer=data.tokenizer,
-    )
+    description = f"{type(model).__name__} int8 from {path} ({content.get('source', '')})"
+    return LoadedModel.from_datamodule(model.eval(), data, description)
 
 
 def quantized_copy(loaded: LoadedModel) -> LoadedModel:
     """`loaded` with an int8 copy of its model (on the CPU); the original is left as it is."""
     model = quantize_int8(loaded.model)
-    return LoadedModel(
-        **{**vars(loaded), "model": model, "description": f"{loaded.description}, int8"}
-    )
+    return dataclasses.replace(loaded, model=model, description=f"{loaded.description}, int8")

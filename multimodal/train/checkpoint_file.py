@@ -52,14 +52,15 @@ def config_classes() -> tuple[type, ...]:
     )
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     """The object saved in a torch file, read with `weights_only=True` (plus the platform's
     config dataclasses); FileNotFoundError or ValueError naming the file when it is missing,
-    not a torch file (`multimodal.checkpoint_check`) or holds other objects."""
+    not a torch file (`multimodal.checkpoint_check`) or holds other objects. `mmap` maps the
+    tensors instead of reading them (to look at a file's keys without loading its weights)."""
     path = check_torch_file(path)  # a missing, text, empty or foreign file says so
     try:
         with torch.serialization.safe_globals(list(config_classes())):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"checkpoint {str(path)!r} holds objects that are not weights nor the platform's "
