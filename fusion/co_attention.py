@@ -22,6 +22,12 @@ from multimodal.layers import TransformerBlock, TransformerConfig, create_norm
 class CoAttentionOutput(NamedTuple):
     text: Tensor  # (B, T, dim)
     image: Tensor  # (B, N, dim)
+    # with return_attention=True, per layer: each stream's self-attention and its
+    # cross-attention to the other stream
+    text_attentions: tuple[Tensor, ...] | None = None  # (B, H, T, T)
+    text_cross_attentions: tuple[Tensor, ...] | None = None  # (B, H, T, N)
+    image_attentions: tuple[Tensor, ...] | None = None  # (B, H, N, N)
+    image_cross_attentions: tuple[Tensor, ...] | None = None  # (B, H, N, T)
 
 
 class CoAttentionEncoder(nn.Module):
@@ -90,11 +96,13 @@ class CoAttentionEncoder(nn.Module):
         *,
         text_padding_mask: Tensor | None = None,
         image_padding_mask: Tensor | None = None,
+        return_attention: bool = False,
     ) -> CoAttentionOutput:
         """Run both streams: text (B, T, dim), image (B, N, dim).
 
         text_padding_mask: (B, T), image_padding_mask: (B, N), bool, True = real token.
         Padding tokens of either stream are never attended to, by either stream.
+        return_attention: also every layer's self- and cross-attention weights per stream.
         """
         dim = self.config.dim
         for name, x in (("text", text), ("image", image)):
@@ -109,21 +117,34 @@ class CoAttentionEncoder(nn.Module):
             self.image_context_norms,
             strict=True,
         )
+        weights: list[tuple[Tensor | None, ...]] = []  # per layer: the four weight tensors
         for text_block, image_block, text_context_norm, image_context_norm in layers:
             text_context = text_context_norm(text)  # (B, T, dim): keys for the image stream
             image_context = image_context_norm(image)  # (B, N, dim): keys for the text stream
-            text, image = (
-                text_block(
-                    text,
-                    context=image_context,
-                    key_padding_mask=text_padding_mask,
-                    context_padding_mask=image_padding_mask,
-                ).hidden,
-                image_block(
-                    image,
-                    context=text_context,
-                    key_padding_mask=image_padding_mask,
-                    context_padding_mask=text_padding_mask,
-                ).hidden,
+            text_out = text_block(
+                text,
+                context=image_context,
+                key_padding_mask=text_padding_mask,
+                context_padding_mask=image_padding_mask,
+                return_attention=return_attention,
             )
-        return CoAttentionOutput(self.text_norm(text), self.image_norm(image))
+            image_out = image_block(
+                image,
+                context=text_context,
+                key_padding_mask=image_padding_mask,
+                context_padding_mask=text_padding_mask,
+                return_attention=return_attention,
+            )
+            text, image = text_out.hidden, image_out.hidden
+            weights.append(
+                (
+                    text_out.attention,
+                    text_out.cross_attention,
+                    image_out.attention,
+                    image_out.cross_attention,
+                )
+            )
+        if not return_attention:
+            return CoAttentionOutput(self.text_norm(text), self.image_norm(image))
+        per_kind = tuple(zip(*weights, strict=True)) if weights else ((), (), (), ())
+        return CoAttentionOutput(self.text_norm(text), self.image_norm(image), *per_kind)

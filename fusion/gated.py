@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from multimodal.layers import (
     Attention,
+    AttentionOutput,
     BlockCache,
     FeedForward,
     Transformer,
@@ -75,9 +76,29 @@ class GatedCrossAttention(nn.Module):
     ) -> Tensor:
         """x (B, T, dim) attends to context (B, S, context_dim); context_padding_mask (B, S)
         bool, True = real token. Returns (B, T, dim)."""
-        attn = self.attn(self.attn_norm(x), context, key_padding_mask=context_padding_mask)
+        return self._run(x, context, context_padding_mask, return_attention=False).output
+
+    def forward_with_attention(
+        self, x: Tensor, context: Tensor, *, context_padding_mask: Tensor | None = None
+    ) -> AttentionOutput:
+        """As `forward`, with the cross-attention weights (B, H, T, S) (computed explicitly)."""
+        return self._run(x, context, context_padding_mask, return_attention=True)
+
+    def _run(
+        self,
+        x: Tensor,
+        context: Tensor,
+        context_padding_mask: Tensor | None,
+        return_attention: bool,
+    ) -> AttentionOutput:
+        attn = self.attn(
+            self.attn_norm(x),
+            context,
+            key_padding_mask=context_padding_mask,
+            return_attention=return_attention,
+        )
         x = x + self.alpha_attn.tanh() * attn.output  # (B, T, dim)
-        return x + self.alpha_ff.tanh() * self.ff(self.ff_norm(x))
+        return AttentionOutput(x + self.alpha_ff.tanh() * self.ff(self.ff_norm(x)), attn.weights)
 
 
 class GatedDecoder(nn.Module):
@@ -137,6 +158,7 @@ class GatedDecoder(nn.Module):
         if freeze_decoder:
             decoder.requires_grad_(False)
         self._context: tuple[Tensor, Tensor | None] | None = None
+        self._weights: list[Tensor] | None = None  # filled by the hooks with return_attention
         self._hooks: list[RemovableHandle] = [
             decoder.blocks[int(i)].register_forward_pre_hook(self._pre_hook(i), with_kwargs=True)
             for i in self.gated
@@ -149,7 +171,14 @@ class GatedDecoder(nn.Module):
             if self._context is None:  # the decoder called on its own
                 return None
             context, context_padding_mask = self._context
-            x = self.gated[index](args[0], context, context_padding_mask=context_padding_mask)
+            gated = self.gated[index]
+            if self._weights is None:
+                x = gated(args[0], context, context_padding_mask=context_padding_mask)
+            else:
+                x, weights = gated.forward_with_attention(
+                    args[0], context, context_padding_mask=context_padding_mask
+                )
+                self._weights.append(weights)
             return (x, *args[1:]), kwargs
 
         return hook
@@ -169,16 +198,30 @@ class GatedDecoder(nn.Module):
         context_padding_mask: Tensor | None = None,
         positions: Tensor | None = None,
         cache: list[BlockCache] | None = None,
+        return_attention: bool = False,
     ) -> TransformerOutput:
         """Run the decoder over x (B, T, dim) with the gated layers attending to context
         (B, S, context_dim); masks (B, T) and (B, S), True = real token. `positions` and
-        `cache` as in `Transformer.forward`."""
+        `cache` as in `Transformer.forward`.
+
+        return_attention: `attentions` holds the decoder blocks' self-attention weights and
+        `cross_attentions` the gated layers' (B, H, T, S), one per gated layer in block order
+        (blocks 0, every, 2 * every, ...)."""
         if self.decoder.grad_checkpointing and self.training:
             raise ValueError("gradient checkpointing of the decoder is not supported here")
         self._context = (context, context_padding_mask)
+        self._weights = [] if return_attention else None
         try:
-            return self.decoder(
-                x, key_padding_mask=key_padding_mask, positions=positions, cache=cache
+            out = self.decoder(
+                x,
+                key_padding_mask=key_padding_mask,
+                positions=positions,
+                cache=cache,
+                return_attention=return_attention,
             )
+            if return_attention:
+                out = out._replace(cross_attentions=tuple(self._weights))
+            return out
         finally:
             self._context = None
+            self._weights = None

@@ -19,6 +19,8 @@ class SingleStreamOutput(NamedTuple):
     text: Tensor  # (B, T, dim): the joint hidden states of the text tokens
     image: Tensor  # (B, N, dim): those of the image tokens
     pooled: Tensor  # (B, dim): the first text token (CLS), or the mean over real tokens
+    # per block (B, H, T + N, T + N) over [text; image], with return_attention=True
+    attentions: tuple[Tensor, ...] | None = None
 
 
 class SingleStreamEncoder(nn.Module):
@@ -72,11 +74,13 @@ class SingleStreamEncoder(nn.Module):
         image_padding_mask: Tensor | None = None,
         text_modality: Tensor | None = None,
         image_modality: Tensor | None = None,
+        return_attention: bool = False,
     ) -> SingleStreamOutput:
         """Fuse text (B, T, dim) and image (B, N, dim) tokens.
 
         text_padding_mask (B, T), image_padding_mask (B, N): bool, True = real token.
         text_modality (B, T), image_modality (B, N): modality ids (default 0 and 1).
+        return_attention: also every block's weights over the joint sequence [text; image].
         """
         B, T, _ = text.shape
         N = image.shape[1]
@@ -96,7 +100,8 @@ class SingleStreamEncoder(nn.Module):
                 ],
                 dim=1,
             )  # (B, T + N)
-        hidden = self.transformer(x, key_padding_mask=mask).hidden  # (B, T + N, dim)
+        out = self.transformer(x, key_padding_mask=mask, return_attention=return_attention)
+        hidden = out.hidden  # (B, T + N, dim)
         if self.pool == "cls":
             pooled = hidden[:, 0]
         elif mask is None:
@@ -104,7 +109,7 @@ class SingleStreamEncoder(nn.Module):
         else:
             weights = mask.to(hidden.dtype)[..., None]  # (B, T + N, 1)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        return SingleStreamOutput(hidden[:, :T], hidden[:, T:], pooled)
+        return SingleStreamOutput(hidden[:, :T], hidden[:, T:], pooled, out.attentions)
 
 
 def _real(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:

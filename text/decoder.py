@@ -45,9 +45,12 @@ class DecoderLM(nn.Module):
         cache: list[BlockCache] | None = None,
         context: Tensor | None = None,
         context_padding_mask: Tensor | None = None,
+        return_attention: bool = False,
     ) -> LMOutput:
         """input_ids (B, T); attention_mask (B, T) bool, True = real token (with a cache: over
         cached + new tokens); positions (B, T) for left-padded batches; context (B, S, D).
+        return_attention: `attentions` (and with a context `cross_attentions`) hold every
+        block's weights (B, H, T, Tk) and (B, H, T, S).
 
         With a soft prompt (`self.prompt`), it is put before the first tokens fed (the cache
         then holds it once) and logits / hidden states cover the tokens only."""
@@ -80,6 +83,9 @@ class DecoderLM(nn.Module):
             cache=cache,
             context=context,
             context_padding_mask=context_padding_mask,
+            return_attention=return_attention,
         )
         hidden = out.hidden[:, n_prompt:] if self.prompt is not None and offset == 0 else out.hidden
-        return LMOutput(self.lm_head(hidden), hidden, out.aux_loss)
+        return LMOutput(
+            self.lm_head(hidden), hidden, out.aux_loss, out.attentions, out.cross_attentions
+        )

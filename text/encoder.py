@@ -33,9 +33,11 @@ class EncoderLM(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        return_attention: bool = False,
     ) -> TransformerOutput:
         """input_ids, attention_mask (True = real token), segment_ids: (B, T).
 
+        return_attention: `attentions` holds every block's weights (B, H, T, T).
         With a soft prompt, `hidden` holds the tokens' states only (the attention weights, when
         asked for, cover the prompt too)."""
         n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
@@ -44,7 +46,14 @@ class EncoderLM(nn.Module):
         )
         x = self.embed(input_ids, segment_ids)
         if self.prompt is None:
-            return self.transformer(x, key_padding_mask=attention_mask)
+            return self.transformer(
+                x, key_padding_mask=attention_mask, return_attention=return_attention
+            )
         x, attention_mask, positions = prepend_prompt(self.prompt, x, attention_mask, None)
-        out = self.transformer(x, key_padding_mask=attention_mask, positions=positions)
+        out = self.transformer(
+            x,
+            key_padding_mask=attention_mask,
+            positions=positions,
+            return_attention=return_attention,
+        )
         return out._replace(hidden=out.hidden[:, n_prompt:])

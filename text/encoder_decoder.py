@@ -64,7 +64,9 @@ class EncoderDecoderLM(nn.Module):
         """Source ids (B, S) -> encoder states (B, S, dim), computed once per generation."""
         return self._encode(input_ids, attention_mask).hidden
 
-    def _encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> TransformerOutput:
+    def _encode(
+        self, input_ids: Tensor, attention_mask: Tensor | None, return_attention: bool = False
+    ) -> TransformerOutput:
         """The encoder over the source; with a soft prompt before it, whose states are dropped
         (the decoder attends to the source tokens only, with the source's padding mask)."""
         n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
@@ -73,9 +75,16 @@ class EncoderDecoderLM(nn.Module):
         )
         x = self.embed(input_ids)
         if self.prompt is None:
-            return self.encoder(x, key_padding_mask=attention_mask)
+            return self.encoder(
+                x, key_padding_mask=attention_mask, return_attention=return_attention
+            )
         x, attention_mask, positions = prepend_prompt(self.prompt, x, attention_mask, None)
-        out = self.encoder(x, key_padding_mask=attention_mask, positions=positions)
+        out = self.encoder(
+            x,
+            key_padding_mask=attention_mask,
+            positions=positions,
+            return_attention=return_attention,
+        )
         return out._replace(hidden=out.hidden[:, n_prompt:])
 
     def decode(
@@ -87,8 +96,11 @@ class EncoderDecoderLM(nn.Module):
         attention_mask: Tensor | None = None,
         positions: Tensor | None = None,
         cache: list[BlockCache] | None = None,
+        return_attention: bool = False,
     ) -> LMOutput:
-        """Decoder ids (B, T) attending to encoder states `context` (B, S, dim)."""
+        """Decoder ids (B, T) attending to encoder states `context` (B, S, dim).
+
+        return_attention: every decoder block's self- and cross-attention weights."""
         offset = cache[0].self_attn.length if cache else 0
         input_ids, positions = fit_length(self.config, input_ids, positions, offset=offset)
         out = self.decoder(
@@ -98,8 +110,15 @@ class EncoderDecoderLM(nn.Module):
             key_padding_mask=attention_mask,
             positions=positions,
             cache=cache,
+            return_attention=return_attention,
         )
-        return LMOutput(self.lm_head(out.hidden * self.output_scale), out.hidden, out.aux_loss)
+        return LMOutput(
+            self.lm_head(out.hidden * self.output_scale),
+            out.hidden,
+            out.aux_loss,
+            out.attentions,
+            out.cross_attentions,
+        )
 
     def forward(
         self,
@@ -108,17 +127,25 @@ class EncoderDecoderLM(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
+        return_attention: bool = False,
     ) -> LMOutput:
-        """Teacher forcing: source (B, S), decoder inputs (B, T) -> logits (B, T, vocab)."""
+        """Teacher forcing: source (B, S), decoder inputs (B, T) -> logits (B, T, vocab).
+
+        return_attention: the decoder's self- and cross-attention and the encoder's
+        self-attention weights, per block (`attentions`, `cross_attentions`,
+        `encoder_attentions`)."""
         n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
         input_ids, attention_mask = fit_length(
             self.config, input_ids, attention_mask, reserved=n_prompt
         )
-        encoded = self._encode(input_ids, attention_mask)
+        encoded = self._encode(input_ids, attention_mask, return_attention)
         out = self.decode(
             decoder_input_ids,
             context=encoded.hidden,
             context_padding_mask=attention_mask,
             attention_mask=decoder_attention_mask,
+            return_attention=return_attention,
         )
-        return out._replace(aux_loss=out.aux_loss + encoded.aux_loss)
+        return out._replace(
+            aux_loss=out.aux_loss + encoded.aux_loss, encoder_attentions=encoded.attentions
+        )

@@ -39,8 +39,17 @@ class TextEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.set_grad_checkpointing(enable)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> TowerOutput:
-        """input_ids (B, T); attention_mask (B, T) bool, True = real token."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        return_attention: bool = False,
+    ) -> TowerOutput:
+        """input_ids (B, T); attention_mask (B, T) bool, True = real token.
+
+        return_attention: `attentions` holds every block's weights (B, H, P + T, P + T), a soft
+        prompt's P tokens first."""
         n_prompt = 0 if self.prompt is None else self.prompt.shape[0]
         input_ids, attention_mask = fit_length(
             self.config, input_ids, attention_mask, reserved=n_prompt
@@ -48,7 +57,12 @@ class TextEncoder(nn.Module):
         x, key_padding_mask, positions = self.embed(input_ids), attention_mask, None
         if self.prompt is not None:
             x, key_padding_mask, positions = prepend_prompt(self.prompt, x, attention_mask, None)
-        out = self.transformer(x, key_padding_mask=key_padding_mask, positions=positions)
+        out = self.transformer(
+            x,
+            key_padding_mask=key_padding_mask,
+            positions=positions,
+            return_attention=return_attention,
+        )
         hidden = out.hidden[:, n_prompt:]  # the prompt's states are not tokens: pool without
         if attention_mask is None:
             is_token = input_ids != self.config.pad_id
@@ -58,7 +72,7 @@ class TextEncoder(nn.Module):
                 torch.arange(input_ids.shape[1], device=input_ids.device) <= last[:, None]
             )
         pooled = pool_tokens(hidden, attention_mask, self.pool)
-        return TowerOutput(self.projection(pooled), hidden)
+        return TowerOutput(self.projection(pooled), hidden, out.attentions)
 
     @classmethod
     def from_open_clip(cls, model: nn.Module) -> TextEncoder:

@@ -178,15 +178,26 @@ class ViT(nn.Module):
             x = torch.cat([*prefix, x], dim=1)
         return self.pre_norm(self.pos_drop(x))
 
-    def forward(self, images: Tensor) -> TowerOutput:
-        """images: (B, in_channels, H, W) with H and W multiples of the patch size."""
+    @property
+    def n_leading_tokens(self) -> int:
+        """Tokens before the patches in the sequence the blocks see: class token, registers
+        and visual prompts (the columns of the attention weights the patches come after)."""
+        return self.config.n_prefix + (0 if self.prompt is None else self.prompt.shape[1])
+
+    def forward(self, images: Tensor, *, return_attention: bool = False) -> TowerOutput:
+        """images: (B, in_channels, H, W) with H and W multiples of the patch size.
+
+        return_attention: also return every block's self-attention weights (B, H, T, T) over
+        [class, registers, prompts, patches] (`n_leading_tokens` before the patches, in row-major
+        order of the (H / patch, W / patch) grid); computed explicitly, so slower."""
         x = self._embed(images)  # (B, n_prefix + N, dim)
         n_prefix = self.config.n_prefix
         if self.prompt is not None:  # (B, n_prefix + P + N, dim); pooling skips the prompts
             prompt = self.prompt.to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :n_prefix], prompt, x[:, n_prefix:]], dim=1)
             n_prefix += self.prompt.shape[1]
-        x = self.encoder(x).hidden
+        out = self.encoder(x, return_attention=return_attention)
+        x = out.hidden
         tokens = x[:, n_prefix:]
         if self.attn_pool is not None:
             pooled = self.attn_pool(tokens)
@@ -194,7 +205,7 @@ class ViT(nn.Module):
             pooled = x[:, 0]
         else:
             pooled = tokens.mean(dim=1)
-        return TowerOutput(self.fc_norm(pooled), tokens)
+        return TowerOutput(self.fc_norm(pooled), tokens, out.attentions)
 
     @classmethod
     def from_timm(

@@ -11,6 +11,9 @@ from torch import Tensor
 class TowerOutput(NamedTuple):
     pooled: Tensor  # (B, out_dim): the embedding of the whole input
     tokens: Tensor | None  # (B, N, dim): per-token features (patches, a CNN's map, text tokens)
+    # per block (B, H, T, T) self-attention weights over all the tower's tokens (prefix and
+    # prompt tokens included), only when the tower was called with return_attention=True
+    attentions: tuple[Tensor, ...] | None = None
 
 
 def with_pooled_token(out: TowerOutput) -> Tensor:

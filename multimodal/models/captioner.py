@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -21,6 +22,12 @@ class CaptionerOutput(NamedTuple):
     image_features: Tensor | None  # (B, embed_dim) normalised, with a contrastive head
     text_features: Tensor | None  # (B, embed_dim) normalised, with a contrastive head
     logit_scale: Tensor | None  # the contrastive logit multiplier
+    # with return_attention=True, per block: the image tower's self-attention (None for a tower
+    # without them), the decoder's self-attention (B, H, T, T) and its cross-attention
+    # (B, H, T, 1 + N) over [pooled image token; N patch tokens]
+    image_attentions: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+    cross_attentions: tuple[Tensor, ...] | None = None
 
 
 class Captioner(nn.Module):
@@ -72,6 +79,7 @@ class Captioner(nn.Module):
         if (text_tower is None) != (embed_dim is None):
             raise ValueError("text_tower and embed_dim go together (the contrastive head)")
         self.image_tower = image_tower
+        self._tower_attention = _takes_return_attention(image_tower)
         self.decoder = decoder
         self.text_tower = text_tower
         self.embed_dim = embed_dim
@@ -116,19 +124,42 @@ class Captioner(nn.Module):
             raise ValueError(f"{what} needs a Captioner built with text_tower and embed_dim")
 
     def forward(
-        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        return_attention: bool = False,
     ) -> CaptionerOutput:
         """images (B, C, H, W); input_ids (B, T) captions (BOS ... EOS, padded); attention_mask
-        (B, T) True = real token. logits[:, t] predicts input_ids[:, t + 1]."""
-        image = self.image_tower(images)
+        (B, T) True = real token. logits[:, t] predicts input_ids[:, t + 1].
+
+        return_attention: also every block's attention weights of the image tower (when it
+        takes `return_attention`, as `vision.ViT`) and of the decoder; cross_attentions[l][:, :,
+        t] is where the decoder looked at the image when predicting input_ids[:, t + 1]."""
+        image = (
+            self.image_tower(images, return_attention=True)
+            if return_attention and self._tower_attention
+            else self.image_tower(images)
+        )
         context = with_pooled_token(image)  # (B, 1 + N, context_dim)
-        out = self.decoder(input_ids, attention_mask=attention_mask, context=context)
+        out = self.decoder(
+            input_ids,
+            attention_mask=attention_mask,
+            context=context,
+            return_attention=return_attention,
+        )
+        attentions = (
+            (image.attentions, out.attentions, out.cross_attentions)
+            if return_attention
+            else (None, None, None)
+        )
         if not self.contrastive:
-            return CaptionerOutput(out.logits, out.aux_loss, None, None, None)
+            return CaptionerOutput(out.logits, out.aux_loss, None, None, None, *attentions)
         image_features = F.normalize(self.image_projection(image.pooled), dim=-1)
         text_features = self.encode_text(input_ids, attention_mask)
         return CaptionerOutput(
-            out.logits, out.aux_loss, image_features, text_features, self.scale()
+            out.logits, out.aux_loss, image_features, text_features, self.scale(), *attentions
         )
 
     @torch.no_grad()
@@ -146,3 +177,9 @@ class Captioner(nn.Module):
         config = config or GenerationConfig(max_new_tokens=self.decoder.config.max_positions - 1)
         bos = torch.full((images.shape[0], 1), self.decoder.config.bos_id, device=images.device)
         return generate(self.decoder, bos, context=context, config=config, generator=generator)
+
+
+def _takes_return_attention(tower: nn.Module) -> bool:
+    """Whether an image tower's forward accepts `return_attention` (our ViT does, timm
+    backbones do not)."""
+    return "return_attention" in inspect.signature(tower.forward).parameters
