@@ -93,10 +93,12 @@ def _check_encoders(model: object, where: str) -> None:
             )
 
 
-def load_lightning(checkpoint: str | os.PathLike, config: str | os.PathLike | None) -> LoadedModel:
-    """Our model from a `multimodal fit` checkpoint: the task is rebuilt from `config` (the
-    fit config; default: the config.yaml saved with the run) and its weights loaded strictly;
-    tokenizer, context length and image transform come from the config's datamodule."""
+def load_run(
+    checkpoint: str | os.PathLike, config: str | os.PathLike | None = None
+) -> tuple[Any, Any, str | os.PathLike]:
+    """The task (weights loaded strictly, any task) and the datamodule of a `multimodal fit`
+    checkpoint, and the fit config they were rebuilt from: `config`, default the config.yaml
+    saved with the run."""
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
     if config is None:
@@ -107,6 +109,14 @@ def load_lightning(checkpoint: str | os.PathLike, config: str | os.PathLike | No
                 f"looked for {RUN_CONFIG} in the run folder {Path(checkpoint).parent.parent}"
             )
     task, data = instantiate_model_and_data(config, checkpoint)
+    return task, data, config
+
+
+def load_lightning(checkpoint: str | os.PathLike, config: str | os.PathLike | None) -> LoadedModel:
+    """Our model from a `multimodal fit` checkpoint: the task is rebuilt from `config` (the
+    fit config; default: the config.yaml saved with the run) and its weights loaded strictly;
+    tokenizer, context length and image transform come from the config's datamodule."""
+    task, data, config = load_run(checkpoint, config)
     model = getattr(task, "model", None)
     _check_encoders(model, f"config {str(config)!r}")
     for attribute in ("tokenizer", "context_length", "transform"):
