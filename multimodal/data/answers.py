@@ -16,11 +16,18 @@ The steps, in order:
    the articles ``a``, ``an``, ``the`` are dropped; contractions written without their
    apostrophe are restored (``"dont"`` -> ``"don't"``); words joined by single spaces.
 
-Known departures from the official script: its contraction table also holds keys that can
-never match after lower-casing (``"Im"``, ``"Ive"``: left out, no result changes) and one
-reversed entry (``"somebody'd"`` -> ``"somebodyd"``: left out, so that word is kept). Words with
-two apostrophes are also restored from the spelling with none (``"couldntve"``), which the
-official table misses.
+The contraction table was compared whole with the official one (`VQAEval.contractions` in
+the VQA API's PythonEvaluationTools/vqaEvaluation/vqaEval.py, GT-Vision-Lab/VQA): 113 of its
+120 keys map to the same contraction here (``"whyll"``, ``"whyre"``, ``"whys"`` and the three
+spellings of ``"'ow's'at"`` included); the departures are:
+- keys that can never match after lower-casing (``"Im"``, ``"Ive"``, ``"Id've"``, ``"I'dve"``)
+  are left out: no result changes;
+- the identity entries (``"let's"``, ``"she's"`` mapped to themselves) are left out: no result
+  changes;
+- one reversed entry (``"somebody'd"`` -> ``"somebodyd"``) is left out, so that word is kept;
+- words with two or more apostrophes are also restored from the spelling with none
+  (``"couldntve"`` -> ``"couldn't've"``, ``"owsat"`` -> ``"'ow's'at"``: 19 keys), which the
+  official table misses.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ something'd something'd've something'll that's there'd there'd've there're there
 they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's
 what've when's where'd where's where've who'd who'd've who'll who's who've won't would've
 wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've
+why'll why're why's 'ow's'at
 """
 
 

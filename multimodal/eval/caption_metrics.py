@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["bleu", "caption_metrics", "cider_d", "rouge_l", "tokenize_caption"]
+__all__ = ["bleu", "caption_metrics", "cider_d", "cider_d_scores", "rouge_l", "tokenize_caption"]
 
 Tokens = list[str]
 NGram = tuple[str, ...]
@@ -164,7 +164,11 @@ def rouge_l(
     return _rouge_l(*_prepare(candidates, references), beta)
 
 
-def _cider_d(cands: list[Tokens], refs: list[list[Tokens]], n: int, sigma: float) -> float:
+def _cider_d_scores(
+    cands: list[Tokens], refs: list[list[Tokens]], n: int, sigma: float
+) -> list[float]:
+    """Each image's CIDEr-D, with the document frequencies of the whole corpus."""
+
     def counts(tokens: Tokens) -> Counter[NGram]:
         return sum((_ngrams(tokens, k) for k in range(1, n + 1)), Counter())
 
@@ -196,6 +200,11 @@ def _cider_d(cands: list[Tokens], refs: list[list[Tokens]], n: int, sigma: float
                 if norm[k] != 0 and norm_r[k] != 0:
                     total += dot / (norm[k] * norm_r[k]) * penalty
         scores.append(10.0 * total / (n * len(image)))
+    return scores
+
+
+def _cider_d(cands: list[Tokens], refs: list[list[Tokens]], n: int, sigma: float) -> float:
+    scores = _cider_d_scores(cands, refs, n, sigma)
     return sum(scores) / len(scores)
 
 
@@ -227,6 +236,22 @@ def cider_d(
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     return _cider_d(*_prepare(candidates, references), n, sigma)
+
+
+def cider_d_scores(
+    candidates: Sequence[str],
+    references: Sequence[Sequence[str]],
+    n: int = 4,
+    sigma: float = 6.0,
+) -> list[float]:
+    """The CIDEr-D of each image (see `cider_d`, whose value is their mean): the document
+    frequencies come from the whole corpus, so an image's score depends on the others'
+    references. For finding the best and worst captions of an evaluation."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    return _cider_d_scores(*_prepare(candidates, references), n, sigma)
 
 
 def caption_metrics(

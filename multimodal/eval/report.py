@@ -757,8 +757,32 @@ def _metrics_json(metrics: Mapping[str, Any]) -> str:
     return json.dumps(_jsonable(metrics), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
+META_KEY = "meta"  # where `write_report(meta_in_json=True)` puts the meta data in metrics.json
+
+
+def _with_meta(report: Report) -> dict[str, Any]:
+    """The metrics with the report's meta under META_KEY (values other than JSON scalars and
+    lists or dicts of them as their str())."""
+    if META_KEY in report.metrics:
+        raise ValueError(f"metrics: the key {META_KEY!r} is taken by the meta data")
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str, np.generic)):
+            return value
+        return str(value)
+
+    return {META_KEY: plain(report.meta), **report.metrics}
+
+
+def write_report(
+    report: Report, out_dir: str | Path, *, meta_in_json: bool = False
+) -> dict[str, Path]:
     """Write metrics.json, summary.md and report.html into `out_dir` (created if needed).
+    With `meta_in_json`, metrics.json also holds the report's meta data under "meta".
 
     Everything is rendered in memory first, then each file goes to a temporary file in
     `out_dir` that replaces the target with os.replace: an error leaves every file either
@@ -768,7 +792,10 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
     """
     out = Path(out_dir)
     contents = {
-        "metrics": (METRICS_FILE, _metrics_json(report.metrics)),
+        "metrics": (
+            METRICS_FILE,
+            _metrics_json(_with_meta(report) if meta_in_json else report.metrics),
+        ),
         "summary": (SUMMARY_FILE, render_markdown(report)),
         "html": (HTML_FILE, render_html(report)),
     }
