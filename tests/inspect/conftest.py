@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from multimodal.data.demo import write_demo_tokenizer
-from multimodal.eval.loading import instantiate_model_and_data
+from multimodal.eval.loading import instantiate_model_and_data, load_model
 from tests.helpers import CONFIGS, save_task
 
 TINY = {"dim": 32, "n_heads": 2}
@@ -70,3 +70,17 @@ def image_files(tmp_path_factory):
     jpeg = root / "photo.jpg"
     Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(jpeg)
     return folder, jpeg
+
+
+@pytest.fixture(scope="session")
+def loaded_clip(tiny_clip):
+    """The tiny CLIP as the commands load it (`LoadedModel`, eval mode); read-only."""
+    checkpoint, config = tiny_clip
+    return load_model(checkpoint, config=config)
+
+
+@pytest.fixture(scope="session")
+def loaded_captioner(tiny_captioner):
+    """The tiny captioner as the commands load it (`LoadedModel`, eval mode); read-only."""
+    checkpoint, config = tiny_captioner
+    return load_model(checkpoint, config=config)

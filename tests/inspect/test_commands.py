@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from multimodal.eval.loading import load_model
 from multimodal.inspect.commands import collect_images, main
 from multimodal.inspect.maps import caption_attention
 
@@ -37,7 +36,7 @@ def check_page(out, manifest) -> str:
     return page
 
 
-def test_clip_overlays_similarities_and_page(tiny_clip, image_files, tmp_path, capsys):
+def test_clip_overlays_similarities_and_page(tiny_clip, loaded_clip, image_files, tmp_path, capsys):
     checkpoint, config = tiny_clip
     folder, jpeg = image_files
     out = tmp_path / "out"
@@ -53,7 +52,7 @@ def test_clip_overlays_similarities_and_page(tiny_clip, image_files, tmp_path, c
     page = check_page(out, manifest)
     assert html.escape(TEXTS[1]) in page and TEXTS[1] not in page  # escaped
     # the similarities equal the model's own embeddings of the same images and texts
-    loaded = load_model(checkpoint, config=config)
+    loaded = loaded_clip
     tokens = loaded.tokenizer.batch_encode(TEXTS, max_length=loaded.context_length)
     with torch.no_grad():
         text = loaded.model.encode_text(tokens.input_ids, tokens.attention_mask)
@@ -65,7 +64,7 @@ def test_clip_overlays_similarities_and_page(tiny_clip, image_files, tmp_path, c
             assert list(entry["similarities"]) == TEXTS
 
 
-def test_captioner_words_and_page(tiny_captioner, image_files, tmp_path):
+def test_captioner_words_and_page(tiny_captioner, loaded_captioner, image_files, tmp_path):
     checkpoint, config = tiny_captioner
     folder, _ = image_files
     out = tmp_path / "out"
@@ -73,7 +72,7 @@ def test_captioner_words_and_page(tiny_captioner, image_files, tmp_path):
     argv += ["--out", str(out), "--device", "cpu", "--no-progress"]
     assert main(argv) == 0
     manifest = read_manifest(out)
-    loaded = load_model(checkpoint, config=config)
+    loaded = loaded_captioner
     for entry in manifest["images"]:
         with Image.open(entry["source"]) as image:
             pixels = loaded.transform(image.convert("RGB"))[None]
@@ -86,9 +85,8 @@ def test_captioner_words_and_page(tiny_captioner, image_files, tmp_path):
     assert "Generated caption" in page
 
 
-def test_replayed_cross_attention_is_the_one_seen_during_generation(tiny_captioner):
-    checkpoint, config = tiny_captioner
-    model = load_model(checkpoint, config=config).model
+def test_replayed_cross_attention_is_the_one_seen_during_generation(loaded_captioner):
+    model = loaded_captioner.model
     image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     caption = caption_attention(model, image)
     assert caption.token_ids  # a random decoder of 16 positions writes something
