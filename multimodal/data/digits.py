@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from multimodal.data.predict_inputs import ImageFolderDataset, image_key_collate, rank_loader
 from vision.transforms import ImageTransformConfig
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class DigitsDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         render_size: side of the rendered images before the transforms.
         val_fraction, test_fraction, seed: the deterministic split.
+        predict_images: a folder of images `multimodal predict` classifies (every image file
+            under it, sorted by relative path, which is the key; default: the test split,
+            keys `test/<n>`); batches are dicts of `images` and `keys`.
     """
 
     num_classes = len(DIGIT_NAMES)
@@ -95,6 +99,7 @@ class DigitsDataModule(LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
+        predict_images: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -105,6 +110,7 @@ class DigitsDataModule(LightningDataModule):
         self.render_size = render_size
         self.fractions = (val_fraction, test_fraction)
         self.seed = seed
+        self.predict_images = predict_images
         self.datasets: dict[str, ImageArrayDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -135,3 +141,32 @@ class DigitsDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """`predict_images`, else the test split; this rank's contiguous run of it (every
+        image once over all ranks, in order)."""
+        if self.predict_images is not None:
+            dataset = ImageFolderDataset(self.predict_images, self.transform.eval())
+        else:
+            self.setup("predict")
+            dataset = KeyedImages(self.datasets["test"], "test")
+        return rank_loader(
+            dataset,
+            batch_size=self.batch_size,
+            collate=image_key_collate,
+            trainer=self.trainer,
+            num_workers=self.num_workers,
+        )
+
+
+class KeyedImages(Dataset):
+    """The images of an `ImageArrayDataset` as `{"image", "key": "<name>/<index>"}`."""
+
+    def __init__(self, dataset: ImageArrayDataset, name: str) -> None:
+        self.dataset, self.name = dataset, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.dataset[index][0], "key": f"{self.name}/{index}"}

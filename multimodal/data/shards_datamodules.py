@@ -52,6 +52,12 @@ from multimodal.data.pipeline import (
     decode_sample,
     expand_urls,
 )
+from multimodal.data.predict_inputs import (
+    ImageFolderDataset,
+    Unwrapped,
+    image_key_collate,
+    rank_loader,
+)
 from multimodal.data.text import TokenizerMixin, pad_sequences
 from text.tokenizer import Tokenizer
 from vision.transforms import ImageTransformConfig
@@ -294,6 +300,16 @@ class ClassificationSample:
         return self.transform(image), label
 
 
+@dataclass
+class ImageKeySample:
+    """Decoded shard sample -> `{"image", "key"}` (predicting needs no label or caption)."""
+
+    transform: Callable
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return {"image": self.transform(_image(sample)), "key": sample["__key__"]}
+
+
 def classification_collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     """(image, label) items -> (images (B, 3, H, W), labels (B,) long)."""
     images = default_collate([image for image, _ in items])
@@ -349,6 +365,8 @@ class _ShardDataModule(LightningDataModule):
         seed: int,
         sources: list[Source] | None = None,
         one_val_item_per_sample: bool = True,
+        predict_urls: str | list[str] | None = None,
+        predict_images: str | None = None,
     ) -> None:
         super().__init__()
         if sources is not None and train_urls is not None:
@@ -388,6 +406,25 @@ class _ShardDataModule(LightningDataModule):
                 training=False,
                 one_item_per_sample=one_val_item_per_sample,
             )
+        if predict_urls is not None and not predict_urls:
+            raise ValueError(f"predict_urls={predict_urls!r} is empty; expected shard URLs or None")
+        if predict_urls is not None and predict_images is not None:
+            raise ValueError("predict_urls and predict_images are both set; give one of them")
+        self.predict_images = predict_images
+        predict_from = predict_urls if predict_urls is not None else val_urls
+        if predict_from is not None:  # as validation: every item once over all ranks, in order
+            self.predict_config = ShardPipelineConfig(
+                urls=predict_from,
+                batch_size=val_batch_size or batch_size,
+                shuffle_shards=False,
+                shuffle_buffer=0,
+                seed=seed,
+                training=False,
+                one_item_per_sample=one_val_item_per_sample,
+            )
+        else:
+            self.predict_config = None
+        self.predict_batch_size = val_batch_size or batch_size
 
     @property
     def train_shard_urls(self) -> list[str]:
@@ -451,6 +488,35 @@ class _ShardDataModule(LightningDataModule):
     def val_dataloader(self) -> ShardLoader | list:
         return self.loader("val") if "val" in self.configs else []
 
+    def predict_parts(self) -> tuple[Callable[[dict[str, Any]], Any], Callable[[list[Any]], Batch]]:
+        """(map_sample, collate) of the predicted shard samples: validation's, whose batches
+        carry `keys` (a subclass whose batches do not overrides this)."""
+        return self.map_sample("predict"), self.collate()
+
+    def predict_dataloader(self) -> Unwrapped | DataLoader:
+        """`predict_images` (every image file under the folder, sorted, key = relative path),
+        else the `predict_urls` shards (default: `val_urls`) read as validation reads them:
+        every item exactly once over all ranks, in order, nothing padded."""
+        if self.predict_images is not None:
+            return rank_loader(
+                ImageFolderDataset(self.predict_images, self.image_transform("predict")),
+                batch_size=self.predict_batch_size,
+                collate=image_key_collate,
+                trainer=self.trainer,
+                num_workers=self.num_workers,
+            )
+        if self.predict_config is None:
+            raise ValueError(
+                f"{type(self).__name__} has nothing to predict: set predict_urls (or "
+                "val_urls), or predict_images for a folder of images"
+            )
+        for source in self.predict_config.source_list:
+            expand_urls(source.urls)  # a missing shard fails here, not in a worker
+        map_sample, collate = self.predict_parts()
+        dataset = build_pipeline(self.predict_config, map_sample, collate=collate)
+        loader = ShardLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return Unwrapped(loader)
+
 
 @dataclass
 class TrainerProgress:
@@ -503,6 +569,10 @@ class ImageTextDataModule(_TokenizedShardDataModule):
             `[{urls: ..., weight: 0.7, name: web}, {urls: ..., weight: 0.3}]`; an epoch is
             `epoch_length` batches per rank (default: one pass's worth of all their samples);
             the per-source counts are logged by `SkippedSamplesLogger` (`data/source/NAME`).
+        predict_urls: shards `multimodal predict` reads (default: val_urls), every sample
+            once over all ranks, in order; batches as validation's (a caption is needed).
+        predict_images: instead, a folder of images to predict (every image file under it,
+            sorted by relative path, which is the key); batches hold `images` and `keys`.
     """
 
     def __init__(
@@ -523,6 +593,8 @@ class ImageTextDataModule(_TokenizedShardDataModule):
         epoch_length: int | None = None,
         seed: int = 0,
         sources: list[Source] | None = None,
+        predict_urls: str | list[str] | None = None,
+        predict_images: str | None = None,
     ) -> None:
         super().__init__(
             tokenizer=tokenizer,
@@ -540,6 +612,8 @@ class ImageTextDataModule(_TokenizedShardDataModule):
             epoch_length=epoch_length,
             seed=seed,
             sources=sources,
+            predict_urls=predict_urls,
+            predict_images=predict_images,
         )
         self.sample_captions = sample_captions
 
@@ -570,6 +644,8 @@ class VQADataModule(_TokenizedShardDataModule):
         one_question_per_image: in training, one question drawn at random per image and
             epoch instead of all of them: every batch holds `batch_size` different images
             and an epoch is one pass over the images (validation always asks every question).
+        predict_urls: shards `multimodal predict` reads (default: val_urls): every question
+            of every sample once over all ranks, in order (key `<sample key>/<question n>`).
         (the other arguments as `ImageTextDataModule`; `context_length` bounds the question)
     """
 
@@ -593,6 +669,7 @@ class VQADataModule(_TokenizedShardDataModule):
         epoch_length: int | None = None,
         seed: int = 0,
         sources: list[Source] | None = None,
+        predict_urls: str | list[str] | None = None,
     ) -> None:
         super().__init__(
             tokenizer=tokenizer,
@@ -611,6 +688,7 @@ class VQADataModule(_TokenizedShardDataModule):
             seed=seed,
             sources=sources,
             one_val_item_per_sample=False,  # one item per question
+            predict_urls=predict_urls,
         )
         if answer_vocab is not None:
             normalized = [normalize_answer(a) for a in answer_vocab]
@@ -671,7 +749,8 @@ class ShardClassificationDataModule(_ShardDataModule):
     Args:
         num_classes: labels must be below it (None = not checked).
         transform: image transforms (default: `ImageTransformConfig()`, 224 px, ImageNet).
-        (the other arguments as `ImageTextDataModule`)
+        (the other arguments as `ImageTextDataModule`; predicted shard samples need no label,
+        their batches are dicts of `images` and `keys`)
     """
 
     def __init__(
@@ -690,6 +769,8 @@ class ShardClassificationDataModule(_ShardDataModule):
         epoch_length: int | None = None,
         seed: int = 0,
         sources: list[Source] | None = None,
+        predict_urls: str | list[str] | None = None,
+        predict_images: str | None = None,
     ) -> None:
         super().__init__(
             train_urls=train_urls,
@@ -705,6 +786,8 @@ class ShardClassificationDataModule(_ShardDataModule):
             epoch_length=epoch_length,
             seed=seed,
             sources=sources,
+            predict_urls=predict_urls,
+            predict_images=predict_images,
         )
         if num_classes is not None and num_classes <= 0:
             raise ValueError(f"num_classes={num_classes} must be > 0 or None")
@@ -715,6 +798,10 @@ class ShardClassificationDataModule(_ShardDataModule):
 
     def collate(self) -> Callable[[list[tuple[Tensor, int]]], tuple[Tensor, Tensor]]:
         return classification_collate
+
+    def predict_parts(self) -> tuple[ImageKeySample, Callable[[list[Any]], Batch]]:
+        """Predicted samples need no label: `{"images", "keys"}` batches."""
+        return ImageKeySample(self.image_transform("predict")), image_key_collate
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from multimodal.data.predict_inputs import rank_loader
 from text.masking import IGNORE_INDEX, mask_tokens, span_corruption
 from text.tokenizer import Tokenizer, load_tokenizer
 
@@ -107,6 +108,9 @@ class TextCollator:
         batch: dict[str, Tensor] = {}
         for key in examples[0]:
             values = [example[key] for example in examples]
+            if isinstance(values[0], str):  # sample keys of predicted prompts
+                batch[key] = values
+                continue
             if isinstance(values[0], int):
                 batch[key] = torch.tensor(values, dtype=torch.long)  # (B,)
                 continue
@@ -192,6 +196,34 @@ class _TextDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    def predict_examples(self) -> list[Example]:
+        """The prompts `multimodal predict` reads: examples with `input_ids` and a `key`."""
+        raise NotImplementedError
+
+    def predict_dataloader(self) -> DataLoader:
+        """This rank's contiguous run of `predict_examples()` (every prompt once over all
+        ranks, in order), right-padded, neither masked nor corrupted: `input_ids`,
+        `attention_mask`, `keys`."""
+        examples = [
+            {"input_ids": e["input_ids"], "keys": e["key"]} for e in self.predict_examples()
+        ]
+        return rank_loader(
+            ExampleDataset(examples),
+            batch_size=self.batch_size,
+            collate=TextCollator(pad_id=self.pad_id),
+            trainer=self.trainer,
+            num_workers=self.num_workers,
+        )
+
+
+def read_prompts(path: str | Path) -> list[tuple[int, str]]:
+    """(line number from 1, text) of the non-blank lines of a prompt file; none: ValueError."""
+    prompts = [(n, line.strip()) for n, line in enumerate(read_lines(path), start=1)]
+    prompts = [(n, line) for n, line in prompts if line]
+    if not prompts:
+        raise ValueError(f"predict_file {str(path)!r} has no non-blank line (one prompt a line)")
+    return prompts
+
 
 class TokenizerMixin:
     """For datamodules that tokenize: the tokenizer named `tokenizer_name` ("clip" or a saved
@@ -253,6 +285,9 @@ class SyntheticSequenceDataModule(_TextDataModule):
         n_train, n_val: number of samples.
         batch_size: samples per batch and device.
         seed: seed of the samples.
+
+    `multimodal predict` reads the validation strings as prompts (`[BOS] x [SEP]` for
+    "causal", `x [EOS]` for "seq2seq"), keys `val/<n>`.
     """
 
     pad_id, bos_id, eos_id, sep_id, mask_id = PAD, BOS, EOS, SEP, MASK
@@ -311,6 +346,16 @@ class SyntheticSequenceDataModule(_TextDataModule):
 
     def collator(self) -> TextCollator:
         return TextCollator(pad_id=PAD)
+
+    def predict_examples(self) -> list[Example]:
+        """The validation strings without their answers: `[BOS] x [SEP]` or `x [EOS]`."""
+        self.setup("predict")
+        examples = []
+        for n, example in enumerate(self.datasets["val"].examples):
+            ids = list(example["input_ids"])
+            prompt = ids[: ids.index(SEP) + 1] if self.objective == "causal" else ids
+            examples.append({"input_ids": prompt, "key": f"val/{n}"})
+        return examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +459,9 @@ class TextFileDataModule(_TokenizedDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the held-out lines and the sentence pairs.
         noise_density, mean_span_length, n_sentinels: span corruption.
+        predict_file: prompts for `multimodal predict`, one a line (key: the line number):
+            "causal" continues the line's tokens; "masked" fills the [MASK] tokens written
+            in it (`[CLS] line [SEP]`); "span_corruption" generates from `line [EOS]`.
     """
 
     NSP_RUN = 8  # consecutive lines held out together with next_sentence
@@ -434,8 +482,10 @@ class TextFileDataModule(_TokenizedDataModule):
         noise_density: float = 0.15,
         mean_span_length: float = 3.0,
         n_sentinels: int = 100,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__(tokenizer, batch_size, num_workers)
+        self.predict_file = predict_file
         if not 0 < noise_density < 1:
             raise ValueError(f"noise_density={noise_density} must be in (0, 1)")
         if mean_span_length < 1:
@@ -571,6 +621,23 @@ class TextFileDataModule(_TokenizedDataModule):
             start += len(run)
         return examples
 
+    def predict_examples(self) -> list[Example]:
+        """The lines of `predict_file`, tokenized as the objective's training samples."""
+        if self.predict_file is None:
+            raise ValueError("TextFileDataModule has nothing to predict: set predict_file")
+        numbers, lines = zip(*read_prompts(self.predict_file), strict=True)
+        tok = self.tokenizer
+        if self.objective == "masked":
+            encoded = _encode_lines(tok, lines, max_length=self.max_length)
+        else:
+            encoded = _encode_lines(tok, lines, add_special_tokens=False)
+            if self.objective == "span_corruption":
+                end = tok.eos_id if tok.eos_id is not None else tok.sep_id
+                encoded = [[*ids[: self.max_length - 1], end] for ids in encoded]
+            else:  # the last max_length tokens, the end the model continues
+                encoded = [ids[-self.max_length :] for ids in encoded]
+        return [{"input_ids": ids, "key": str(n)} for n, ids in zip(numbers, encoded, strict=True)]
+
     def collator(self) -> TextCollator:
         tok = self.tokenizer
         if self.objective == "causal":
@@ -634,6 +701,8 @@ class TextPairFileDataModule(_TokenizedDataModule):
         val_fraction: lines held out when `val_file` is None.
         num_workers: DataLoader worker processes.
         seed: seed of the held-out lines.
+        predict_file: sources (seq2seq) or texts (classification) for `multimodal predict`,
+            one a line, encoded as the training ones (key: the line number).
     """
 
     def __init__(
@@ -649,8 +718,10 @@ class TextPairFileDataModule(_TokenizedDataModule):
         val_fraction: float = 0.05,
         num_workers: int = 0,
         seed: int = 0,
+        predict_file: str | None = None,
     ) -> None:
         super().__init__(tokenizer, batch_size, num_workers)
+        self.predict_file = predict_file
         _check_choice("objective", objective, PAIR_OBJECTIVES)
         _check_positive(max_source_length=max_source_length, max_target_length=max_target_length)
         if objective == "seq2seq" and max_target_length < 2:
@@ -768,3 +839,11 @@ class TextPairFileDataModule(_TokenizedDataModule):
 
     def collator(self) -> TextCollator:
         return TextCollator(pad_id=self.tokenizer.pad_id)
+
+    def predict_examples(self) -> list[Example]:
+        """The lines of `predict_file`, encoded as training sources or texts."""
+        if self.predict_file is None:
+            raise ValueError("TextPairFileDataModule has nothing to predict: set predict_file")
+        numbers, lines = zip(*read_prompts(self.predict_file), strict=True)
+        encoded = _encode_lines(self.tokenizer, lines, max_length=self.max_source_length)
+        return [{"input_ids": ids, "key": str(n)} for n, ids in zip(numbers, encoded, strict=True)]

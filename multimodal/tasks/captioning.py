@@ -247,6 +247,11 @@ class Captioning(AccumulatingTask):
         for name in ("bleu_4", "rouge_l", "cider_d"):
             self.log(f"val/{name}", metrics[name])  # equal on every rank
 
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Rows of `multimodal predict`: `keys` and the `caption` written for each image
+        (`generation`, default greedy), as validation writes them."""
+        return {"keys": batch["keys"], "caption": self.write_captions(batch["images"])}
+
     def write_captions(self, images: Tensor) -> list[str]:
         """Captions of a batch of images, decoded to text with the datamodule's tokenizer."""
         return self.decode(self.model.generate(images, self.generation).sequences)

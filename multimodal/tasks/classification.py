@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -13,6 +16,16 @@ from multimodal.models.classifier import ImageClassificationModel
 from multimodal.tasks.base import Task
 from multimodal.tasks.optim import OptimConfig, build_optimizer
 from multimodal.train.prepare import BlockOptions
+
+
+def class_rows(logits: Tensor, names: Sequence[str] | None) -> dict[str, Any]:
+    """(B, C) logits -> `class_index` (B,), its softmax `probability` (B,) and, with the
+    class names, `class_name` (B strings)."""
+    probability, index = logits.float().softmax(dim=-1).max(dim=-1)
+    rows: dict[str, Any] = {"class_index": index, "probability": probability}
+    if names is not None:
+        rows["class_name"] = [names[i] for i in index.tolist()]
+    return rows
 
 
 class ImageClassifier(Task):
@@ -118,6 +131,20 @@ class ImageClassifier(Task):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def predict_step(
+        self, batch: dict[str, Any] | tuple[Tensor, Tensor], batch_idx: int
+    ) -> dict[str, Any]:
+        """Rows of `multimodal predict` (`{"images", "keys"}` batches): `keys`,
+        `class_index`, `probability` (softmax) and `class_name` when the datamodule has
+        `class_names`."""
+        if not isinstance(batch, dict):
+            raise ValueError(
+                "predict needs batches with sample keys ({'images', 'keys'}): use the "
+                "datamodule's predict_dataloader"
+            )
+        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer else None
+        return {"keys": batch["keys"], **class_rows(self(batch["images"]), names)}
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, self.optim, self.trainer.estimated_stepping_batches)

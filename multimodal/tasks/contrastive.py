@@ -3,6 +3,8 @@ DDP: features are gathered across ranks with their gradients."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -214,6 +216,19 @@ class ContrastivePretraining(AccumulatingTask, StageStepTask):
         self.log("train/logit_scale", self.model.scale().detach(), batch_size=size)
         self.optimizer_step_once()
         return None
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Rows of `multimodal predict`: `keys`, and the unit-norm embeddings of what the
+        batch holds: `image_embeddings` (B, D) of its images, `text_embeddings` (B, D) of its
+        captions (an image folder: images only)."""
+        rows: dict[str, Any] = {"keys": batch["keys"]}
+        if "images" in batch:
+            rows["image_embeddings"] = self.model.encode_image(batch["images"])
+        if "input_ids" in batch:
+            rows["text_embeddings"] = self.model.encode_text(
+                batch["input_ids"], batch["attention_mask"]
+            )
+        return rows
 
     def _embed(self, batch: Batch) -> Embedded:
         """One micro-batch's features and the shared logit scale (and SigLIP bias)."""

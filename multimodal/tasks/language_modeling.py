@@ -7,8 +7,9 @@ real token) and labels with -100 where nothing is predicted.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
@@ -17,6 +18,7 @@ from torchmetrics.text import Perplexity
 
 from multimodal.adapt import AdaptConfig
 from multimodal.tasks.base import OptimizedTask
+from multimodal.tasks.classification import class_rows
 from multimodal.tasks.optim import OptimConfig
 from multimodal.train.prepare import BlockOptions
 from text import (
@@ -27,6 +29,7 @@ from text import (
     NextSentenceHead,
     SequenceClassificationHead,
 )
+from text.generation import GenerationConfig, generate
 
 IGNORE = -100
 Batch = dict[str, Tensor]
@@ -47,6 +50,40 @@ def check_vocabulary(task: LightningModule, model_vocab: int) -> None:
             f"the data has a vocabulary of {datamodule.vocab_size} ids but the model's "
             f"TextConfig.vocab_size is {model_vocab}: set it to at least {datamodule.vocab_size}"
         )
+
+
+def left_padded(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Right-padded (B, T) prompts and mask -> the same rows left-padded (what `generate`
+    takes for prompts of different lengths)."""
+    width = input_ids.shape[1]
+    shift = width - attention_mask.sum(dim=1, keepdim=True)  # (B, 1) padding of each row
+    index = (torch.arange(width, device=input_ids.device) - shift) % width  # (B, T)
+    return input_ids.gather(1, index), attention_mask.bool().gather(1, index)
+
+
+def token_rows(task: LightningModule, name: str, rows: Tensor, eos_id: int | None) -> dict:
+    """(B, T) generated ids -> `{name}_ids` (each cut before its first EOS) and, when the
+    datamodule has a tokenizer, `{name}` (their text)."""
+    ids = [row[: row.index(eos_id)] if eos_id in row else row for row in rows.tolist()]
+    out: dict[str, Any] = {f"{name}_ids": ids}
+    tokenizer = _tokenizer(task)
+    if tokenizer is not None:
+        out[name] = [tokenizer.decode(row) for row in ids]
+    return out
+
+
+def _tokenizer(task: LightningModule) -> Any:
+    datamodule = task.trainer.datamodule if task._trainer is not None else None
+    return getattr(datamodule, "tokenizer", None)
+
+
+def new_tokens(config: GenerationConfig | None, room: int) -> GenerationConfig:
+    """`config`, or greedy decoding of at most 32 tokens that fit in `room` positions."""
+    if config is not None:
+        return config
+    if room < 1:
+        raise ValueError("the prompts fill the model's max_positions: nothing left to generate")
+    return GenerationConfig(max_new_tokens=min(32, room))
 
 
 class TokenPredictions(NamedTuple):
@@ -115,6 +152,8 @@ class CausalLM(TokenPredictionTask):
             LoRA, bottleneck adapters, what stays trainable), applied after `init_from`.
         grad_checkpointing, compile, compile_backend, compile_mode: activation checkpointing
             and `torch.compile` of every transformer block (`multimodal.train.BlockOptions`).
+        generation: how `multimodal predict` continues prompts (default: greedy, at most 32
+            new tokens within max_positions).
     """
 
     def __init__(
@@ -132,6 +171,7 @@ class CausalLM(TokenPredictionTask):
         compile: bool = False,
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
+        generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__(model.config.vocab_size, optim, label_smoothing)
         self.save_hyperparameters(ignore=["model"])
@@ -140,8 +180,20 @@ class CausalLM(TokenPredictionTask):
         )
         self.model = model
         self.aux_loss_weight = aux_loss_weight
+        self.generation = generation
         self.init_weights(init_from, init_strict, init_prefix_map)
         self.adapt_model(adapt, self.model)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Rows of `multimodal predict`: `keys`, `continuation_ids` (the new tokens of each
+        prompt, up to EOS) and `continuation` (their text, with a tokenizer)."""
+        ids, mask = left_padded(batch["input_ids"], batch["attention_mask"])
+        room = self.model.config.transformer.max_positions - ids.shape[1]
+        out = generate(
+            self.model, ids, attention_mask=mask, config=new_tokens(self.generation, room)
+        )
+        eos = self.model.config.eos_id
+        return {"keys": batch["keys"], **token_rows(self, "continuation", out.sequences, eos)}
 
     def predictions(self, batch: Batch) -> TokenPredictions:
         out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -178,6 +230,7 @@ class Seq2SeqLM(TokenPredictionTask):
         compile: bool = False,
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
+        generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__(model.config.vocab_size, optim, label_smoothing)
         self.save_hyperparameters(ignore=["model"])
@@ -186,8 +239,22 @@ class Seq2SeqLM(TokenPredictionTask):
         )
         self.model = model
         self.aux_loss_weight = aux_loss_weight
+        self.generation = generation
         self.init_weights(init_from, init_strict, init_prefix_map)
         self.adapt_model(adapt, self.model)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Rows of `multimodal predict`: `keys`, `output_ids` (the decoded tokens of each
+        source, up to EOS) and `output` (their text, with a tokenizer)."""
+        room = self.model.config.transformer.max_positions - 1  # after the decoder start
+        out = generate(
+            self.model,
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            config=new_tokens(self.generation, room),
+        )
+        eos = self.model.config.eos_id
+        return {"keys": batch["keys"], **token_rows(self, "output", out.sequences, eos)}
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -255,6 +322,25 @@ class MaskedLM(TokenPredictionTask):
         self.nsp_acc = MulticlassAccuracy(2, average="micro")
         self.init_weights(init_from, init_strict, init_prefix_map)
         self.adapt_model(adapt, self.encoder)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Rows of `multimodal predict`: the [MASK] tokens of each prompt filled with the
+        most likely token: `keys`, `filled_ids` (the prompt's ids, masks replaced),
+        `predicted` (the token chosen for each mask, in order) and `filled` (the text)."""
+        tokenizer = _tokenizer(self)
+        if tokenizer is None or tokenizer.mask_id is None:
+            raise ValueError("filling masks needs a datamodule whose tokenizer has [MASK]")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        hidden = self.encoder(ids, attention_mask=mask).hidden
+        best = self.mlm_head(hidden).argmax(dim=-1)  # (B, T)
+        masked = (ids == tokenizer.mask_id) & mask
+        filled = torch.where(masked, best, ids)
+        rows: dict[str, Any] = {"keys": batch["keys"], "filled_ids": [], "predicted": []}
+        for row, is_mask, length in zip(filled, masked, mask.sum(dim=1).tolist(), strict=True):
+            rows["filled_ids"].append(row[:length].tolist())
+            rows["predicted"].append([tokenizer.decode([i]) for i in row[is_mask].tolist()])
+        rows["filled"] = [tokenizer.decode(row) for row in rows["filled_ids"]]
+        return rows
 
     def predictions(self, batch: Batch) -> TokenPredictions:
         out = self.encoder(
@@ -338,6 +424,14 @@ class TextClassifier(OptimizedTask):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.encoder(input_ids, attention_mask=attention_mask).hidden
         return self.head(hidden, attention_mask)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Rows of `multimodal predict`: `keys`, `class_index`, `probability` (softmax) and
+        `class_name` when the datamodule has `label_names`."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        names = getattr(datamodule, "label_names", None)
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return {"keys": batch["keys"], **class_rows(logits, names)}
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])

@@ -13,7 +13,7 @@ from multimodal.adapt import AdaptConfig
 from multimodal.models.losses import caption_loss, vqa_loss
 from multimodal.models.vqa import VQAModel
 from multimodal.tasks.base import StageStepTask
-from multimodal.tasks.captioning import next_token_labels
+from multimodal.tasks.captioning import cut_at, next_token_labels
 from multimodal.tasks.language_modeling import IGNORE, check_vocabulary
 from multimodal.tasks.optim import OptimConfig
 from multimodal.train.prepare import BlockOptions
@@ -86,6 +86,32 @@ class VisualQuestionAnswering(StageStepTask):
             )
         if self.model.answer_decoder is not None:
             check_vocabulary(self, self.model.answer_decoder.config.vocab_size)
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        """Rows of `multimodal predict` (one per question): `keys`, `answer_id` (the top
+        answer of the classifier), `score` (its sigmoid: the soft score the model predicts),
+        `answer` (its text, from the datamodule's `answer_vocab`) and, with an answer
+        decoder, `generated_answer` (written greedily, decoded with the datamodule's
+        tokenizer)."""
+        out = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        score, answer_id = out.logits.float().sigmoid().max(dim=-1)
+        rows: dict[str, Any] = {"keys": batch["keys"], "answer_id": answer_id, "score": score}
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        vocab = getattr(datamodule, "answer_vocab", None)
+        if vocab is not None:
+            rows["answer"] = [vocab[i] for i in answer_id.tolist()]
+        decoder = self.model.answer_decoder
+        if decoder is not None:
+            sequences = self.model.generate_answers(
+                batch["images"], batch["input_ids"], batch["attention_mask"]
+            ).sequences
+            tokenizer = getattr(datamodule, "tokenizer", None)
+            if tokenizer is None:
+                raise ValueError("generated answers need a datamodule with a `tokenizer`")
+            rows["generated_answer"] = [
+                tokenizer.decode(cut_at(row, decoder.config.eos_id)) for row in sequences
+            ]
+        return rows
 
     def _step(self, batch: Batch, stage: str) -> Tensor:
         decoding = self.model.answer_decoder is not None
