@@ -1,6 +1,9 @@
 """`multimodal zeroshot` and `multimodal retrieval`: evaluate a trained checkpoint (or an
-open_clip model) on image-text shards and write a report (metrics.json, summary.md,
-report.html)."""
+open_clip model) on image-text data and write a report (metrics.json, summary.md,
+report.html). `--data` takes shards or a data spec (`imagefolder:DIR`,
+`torchvision:CIFAR10:ROOT`, `csv:FILE`, `jsonl:FILE`; `multimodal.eval.datasets`); zero-shot
+takes its class names from the data when it names them, and `--linear-probe TRAIN_DATA` /
+`--knn K` report a linear probe and k-NN on the frozen image features next to zero-shot."""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import torch
 
 from multimodal.checkpoint_check import check_torch_file
 from multimodal.eval import class_names as names
-from multimodal.eval.evaluate import CAPTIONS, eval_loader, run_retrieval, run_zeroshot
+from multimodal.eval.datasets import EXPECTED_SPEC, ImageSamples, open_samples, parse_spec
+from multimodal.eval.evaluate import CAPTIONS, eval_loader, run_probes, run_retrieval, run_zeroshot
 from multimodal.eval.loading import LoadedModel, load_model
 from multimodal.eval.report import Report, flatten_metrics, format_value, write_report
 from multimodal.eval.zeroshot import PRECISIONS
@@ -47,7 +51,10 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument(
-        "--data", required=True, metavar="SHARDS", help="shards: a folder, brace pattern or list"
+        "--data",
+        required=True,
+        metavar="DATA",
+        help=f"shards (a folder, brace pattern or list) or a data spec: {EXPECTED_SPEC}",
     )
     parser.add_argument("--out", default=out, metavar="DIR", help=f"report folder ({out})")
     parser.add_argument(
@@ -92,9 +99,11 @@ def zeroshot_parser() -> argparse.ArgumentParser:
     _data_arguments(parser, "reports/zeroshot")
     parser.add_argument(
         "--classes",
-        required=True,
         metavar="NAME|FILE",
-        help=f"class names in label order: {', '.join(names.BUILTINS)} or a .txt/.json file",
+        help=(
+            f"class names in label order: {', '.join(names.BUILTINS)} or a .txt/.json file "
+            "(default: the names the data gives: folder names, class_name, torchvision classes)"
+        ),
     )
     parser.add_argument(
         "--templates",
@@ -106,6 +115,34 @@ def zeroshot_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--examples", type=int, default=16, metavar="N", help="example images in the report (16)"
+    )
+    probes = parser.add_argument_group("linear probe and k-NN (optional)")
+    probes.add_argument(
+        "--linear-probe",
+        metavar="TRAIN_DATA",
+        help=(
+            "labelled training data (shards or a data spec): report a linear probe on the frozen "
+            "image features (logistic regression, L2 strength chosen on a validation split)"
+        ),
+    )
+    probes.add_argument(
+        "--knn",
+        type=int,
+        metavar="K",
+        help="also report K-nearest-neighbour top-1 (cosine) with the --linear-probe data",
+    )
+    probes.add_argument(
+        "--knn-shots",
+        type=int,
+        metavar="N",
+        help="k-NN with N random training images a class (few-shot; default: all)",
+    )
+    probes.add_argument(
+        "--probe-seed",
+        type=int,
+        default=0,
+        metavar="SEED",
+        help="seed of the validation split and the few-shot draw (0)",
     )
     return parser
 
@@ -226,20 +263,103 @@ def _normalise(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").split())
 
 
-def check_classes_match_shards(classes: Sequence[str], given: str, urls: str) -> None:
-    """ValueError when the shards name their classes and the class list disagrees: a label
-    beyond the list, or another name at a label (e.g. --classes cifar10 on the digits)."""
-    for label, name in sorted(shard_class_names(urls).items()):
+Data = str | ImageSamples  # shards (their URLs) or opened samples
+
+
+def open_data(text: str) -> Data:
+    """The shard URLs of a shards spec, else the samples of the spec, opened once (listing
+    files, reading a CSV) so that every pass of an evaluation reuses them."""
+    spec = parse_spec(text)
+    return spec.path if spec.kind == "shards" else open_samples(spec)
+
+
+def data_class_map(data: Data) -> dict[int, str]:
+    """label -> class name for the labels the data names (shards: their first shard)."""
+    return shard_class_names(data) if isinstance(data, str) else data.class_map
+
+
+def check_class_names(classes: Sequence[str], what: str, data: Data) -> None:
+    """ValueError when the data names its classes and `classes` (described by `what`)
+    disagrees: a label beyond the list, or another name at a label."""
+    if isinstance(data, str):
+        where, short, have = f"the shards {data}", "the shards", "have"
+    else:
+        where, short, have = f"the data {data.spec}", "the data", "has"
+    for label, name in sorted(data_class_map(data).items()):
         if label >= len(classes):
             raise ValueError(
-                f"--classes {given} has {len(classes)} classes but the shards {urls} have "
-                f"label {label} ({name!r})"
+                f"{what} has {len(classes)} classes but {where} {have} label {label} ({name!r})"
             )
         if _normalise(classes[label]) != _normalise(name):
             raise ValueError(
-                f"--classes {given} does not match the shards {urls}: label {label} is "
-                f"{classes[label]!r} in the list but {name!r} in the shards"
+                f"{what} does not match {where}: label {label} is {classes[label]!r} in the "
+                f"list but {name!r} in {short}"
             )
+
+
+def check_classes_match_shards(classes: Sequence[str], given: str, urls: str | Data) -> None:
+    """ValueError when the data (shards, a data spec or opened samples) names its classes and
+    the class list disagrees: a label beyond the list, or another name at a label (e.g.
+    --classes cifar10 on the digits)."""
+    data = urls if isinstance(urls, ImageSamples) else open_data(urls)
+    check_class_names(classes, f"--classes {given}", data)
+
+
+def data_classes(data: Data, given: str) -> tuple[str, ...]:
+    """Every class name of the data in label order; ValueError when it names only some (or
+    none) of its labels."""
+    found = data_class_map(data)
+    if not found or sorted(found) != list(range(len(found))):
+        named = f"names labels {sorted(found)[:10]}" if found else "names no classes"
+        raise ValueError(f"--data {given} {named}: pass --classes (a name list in label order)")
+    return tuple(found[i] for i in range(len(found)))
+
+
+def matching_templates(classes: Sequence[str]) -> str | None:
+    """The built-in class list holding the same names (any order), whose templates fit them;
+    None if there is none."""
+    wanted = sorted(_normalise(c) for c in classes)
+    for name in names.BUILTIN_TEMPLATES:
+        if name not in names.BUILTINS or (name == "imagenet" and len(classes) != 1000):
+            continue  # open_clip's ImageNet list is only read when the count fits
+        if sorted(_normalise(c) for c in names.class_names(name)) == wanted:
+            return name
+    return None
+
+
+def _resolve_classes(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, data: Data
+) -> tuple[tuple[str, ...], str, str]:
+    """(class names, what they are for the report, templates name or file): --classes,
+    checked against the data, or the data's own names with templates of the built-in list
+    holding the same names unless --templates is given."""
+    if args.classes is not None:
+        _check_class_list(args.classes)
+        if args.templates is None and not (
+            args.classes in names.BUILTIN_TEMPLATES or args.classes.endswith(".json")
+        ):
+            parser.error(f"--classes {args.classes} has no templates of its own: pass --templates")
+        classes = names.class_names(args.classes)
+        check_classes_match_shards(classes, args.classes, data)
+        return classes, args.classes, args.templates or args.classes
+    classes = data_classes(data, args.data)
+    templates_name = args.templates or matching_templates(classes)
+    if templates_name is None:
+        parser.error(
+            f"the class names of --data {args.data} ({', '.join(classes[:3])}, ...) are no "
+            "built-in list's: pass --templates"
+        )
+    return classes, f"from the data ({len(classes)} classes)", templates_name
+
+
+def _check_probe_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.knn is not None and args.linear_probe is None:
+        parser.error("--knn needs labelled training images: pass --linear-probe TRAIN_DATA")
+    if args.knn_shots is not None and args.knn is None:
+        parser.error("--knn-shots needs --knn K")
+    for flag, value in (("--knn", args.knn), ("--knn-shots", args.knn_shots)):
+        if value is not None and value < 1:
+            parser.error(f"{flag}={value} must be >= 1")
 
 
 def zeroshot_main(argv: Sequence[str]) -> int:
@@ -247,32 +367,49 @@ def zeroshot_main(argv: Sequence[str]) -> int:
     parser = zeroshot_parser()
     args = parser.parse_args(list(argv))
     _positive(parser, args, "batch_size")
+    _check_probe_arguments(parser, args)
     try:
-        _check_class_list(args.classes)
-        if args.templates is None and not (
-            args.classes in names.BUILTIN_TEMPLATES or args.classes.endswith(".json")
-        ):
-            parser.error(f"--classes {args.classes} has no templates of its own: pass --templates")
-        templates_name = args.templates or args.classes
-        classes = names.class_names(args.classes)
+        data = open_data(args.data)
+        classes, classes_name, templates_name = _resolve_classes(parser, args, data)
         templates = names.templates(templates_name)
-        check_classes_match_shards(classes, args.classes, args.data)
+        train = None
+        if args.linear_probe is not None:
+            train = open_data(args.linear_probe)
+            check_class_names(classes, f"the classes ({classes_name})", train)
         loaded = _load(parser, args)
         loaders = partial(
-            eval_loader, args.data, loaded, batch_size=args.batch_size, num_workers=args.num_workers
+            eval_loader, data, loaded, batch_size=args.batch_size, num_workers=args.num_workers
         )
         run = run_zeroshot(
             loaded, loaders, classes, templates,
             precision=args.precision, text_batch_size=args.batch_size,
             n_examples=args.examples, progress=not args.no_progress,
         )  # fmt: skip
+        metrics: dict[str, Any] = {"zeroshot": run.metrics}
+        sections = list(run.sections)
+        if train is not None:
+            probes = run_probes(
+                loaded,
+                partial(
+                    eval_loader, train, loaded, batch_size=args.batch_size,
+                    num_workers=args.num_workers,
+                ),
+                loaders,
+                len(classes),
+                zeroshot_top1=run.metrics["top1"],
+                knn_k=args.knn, knn_shots=args.knn_shots, seed=args.probe_seed,
+                precision=args.precision, progress=not args.no_progress,
+            )  # fmt: skip
+            metrics.update(probes.metrics)
+            sections.insert(0, probes.section)
     except (ValueError, FileNotFoundError) as error:
         return _fail(parser.prog, error)
+    probe_meta = {} if train is None else {"linear probe data": args.linear_probe}
     report = Report(
         title="Zero-shot classification",
-        metrics={"zeroshot": run.metrics},
-        sections=run.sections,
-        meta=_meta(args, loaded, classes=args.classes, templates=templates_name),
+        metrics=metrics,
+        sections=sections,
+        meta=_meta(args, loaded, classes=classes_name, templates=templates_name, **probe_meta),
     )
     print_report(report.metrics, write_report(report, args.out))
     return 0
@@ -284,9 +421,10 @@ def retrieval_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     _positive(parser, args, "batch_size", "max_memory_mib")
     try:
+        data = open_data(args.data)
         loaded = _load(parser, args)
         loaders = partial(
-            eval_loader, args.data, loaded, batch_size=args.batch_size, num_workers=args.num_workers
+            eval_loader, data, loaded, batch_size=args.batch_size, num_workers=args.num_workers
         )
         run = run_retrieval(
             loaded, loaders,

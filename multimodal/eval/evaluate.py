@@ -3,14 +3,20 @@ into report metrics and sections; used by `multimodal zeroshot`, `multimodal ret
 `multimodal demo`.
 
 Shards are read with the datamodules' own sample map and collate (`ImageTextSample`,
-`ImageTextCollator`) in one ordered pass (`eval_loader`); the images shown in a report are
-fetched by sample key in a second pass that stops once it has them all, so no image is kept in
-memory during the evaluation itself.
+`ImageTextCollator`) in one ordered pass (`eval_loader`); so are an ImageFolder tree, a
+torchvision dataset on disk and CSV / JSONL files of image paths (`multimodal.eval.datasets`).
+The images shown in a report are fetched by sample key in a second pass that stops once it has
+them all, so no image is kept in memory during the evaluation itself. Samples the reader
+skipped (broken images) are counted in the metrics (`skipped`, by reason) when there are any.
+
+`run_probes` adds a linear probe and few-shot k-NN on the frozen image features
+(`multimodal.eval.linear_probe`), reported next to zero-shot top-1.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +26,24 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from multimodal.data.pipeline import ShardLoader, ShardPipelineConfig, build_pipeline
+from multimodal.data.pipeline import (
+    ShardLoader,
+    ShardPipelineConfig,
+    SkipCounter,
+    build_pipeline,
+)
 from multimodal.data.shards_datamodules import ImageTextCollator, ImageTextSample
 from multimodal.eval.class_names import Template
+from multimodal.eval.datasets import (
+    CaptionOptional,
+    DatasetSpec,
+    ImageSamples,
+    SampleLoader,
+    SkippingCollate,
+    open_samples,
+    parse_spec,
+)
+from multimodal.eval.linear_probe import KnnResult, ProbeResult, knn_probe, linear_probe
 from multimodal.eval.loading import LoadedModel
 from multimodal.eval.report import (
     Marked,
@@ -51,14 +72,22 @@ CURVE_KS = (1, 2, 5, 10, 20, 50, 100)
 TOP_RESULTS = 5
 
 
+EvalLoader = ShardLoader | SampleLoader  # ordered dict batches, skips in `skip_counter`
+
+
 def eval_loader(
-    urls: str | list[str], loaded: LoadedModel, *, batch_size: int = 256, num_workers: int = 2
-) -> ShardLoader:
-    """Every sample of the shards once, in order, partial last batch kept: dict batches with
-    `images`, `labels`, `keys` and `references` (every caption of each image)."""
-    config = ShardPipelineConfig(
-        urls=urls, batch_size=batch_size, shuffle_shards=False, shuffle_buffer=0, drop_last=False
-    )
+    urls: str | list[str] | DatasetSpec | ImageSamples,
+    loaded: LoadedModel,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 2,
+) -> EvalLoader:
+    """Every sample of the data once, in order, partial last batch kept: dict batches with
+    `images`, `labels`, `keys` and `references` (every caption of each image).
+
+    `urls`: shards (a path, pattern or list, as `expand_urls` takes), a data spec or its string
+    form (`imagefolder:DIR`, `torchvision:CIFAR10:ROOT`, `csv:FILE`, ...; see
+    `multimodal.eval.datasets`) or samples already opened with `open_samples`."""
     sample = ImageTextSample(
         transform=loaded.transform,
         tokenizer=loaded.data_tokenizer,
@@ -68,11 +97,35 @@ def eval_loader(
     collate = ImageTextCollator(
         pad_id=loaded.data_tokenizer.pad_id, context_length=loaded.context_length
     )
-    dataset = build_pipeline(config, sample, rank=0, world_size=1, collate=collate)
-    return ShardLoader(dataset, num_workers=num_workers)
+    if not isinstance(urls, ImageSamples):
+        spec = DatasetSpec("shards", "-") if isinstance(urls, list) else parse_spec(urls)
+        if spec.kind == "shards":
+            config = ShardPipelineConfig(
+                urls=urls if isinstance(urls, list) else spec.path,
+                batch_size=batch_size,
+                shuffle_shards=False,
+                shuffle_buffer=0,
+                drop_last=False,
+            )
+            dataset = build_pipeline(config, sample, rank=0, world_size=1, collate=collate)
+            return ShardLoader(dataset, num_workers=num_workers)
+        urls = open_samples(spec)
+    return SampleLoader(
+        urls,
+        SkippingCollate(CaptionOptional(sample), collate),
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
 
 
-LoaderFactory = Callable[[], ShardLoader]
+LoaderFactory = Callable[[], EvalLoader]
+
+
+def skip_metrics(counter: SkipCounter, what: str) -> dict[str, Any]:
+    """`{"skipped": {reason: count}}` of the samples the reader left out (logged with a
+    warning), {} when none was."""
+    counts = counter.report(what)
+    return {"skipped": counts} if counts else {}
 
 
 def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -84,7 +137,7 @@ def to_display(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np
 
 
 def images_by_key(
-    loader: ShardLoader, keys: Sequence[str], mean: Sequence[float], std: Sequence[float]
+    loader: EvalLoader, keys: Sequence[str], mean: Sequence[float], std: Sequence[float]
 ) -> dict[str, np.ndarray]:
     """The images of `keys` (display arrays, see `to_display`), read from a fresh pass over the
     shards that stops once every key is found."""
@@ -108,7 +161,7 @@ def images_by_key(
 class _KeyRecorder:
     """Iterates a loader, recording the sample keys in order (and keeping its length)."""
 
-    loader: ShardLoader
+    loader: EvalLoader
     keys: list[str]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -152,10 +205,11 @@ def run_zeroshot(
     `class_names` and `templates`; sections: per-class accuracy, confusion matrix and example
     images with their predicted and true class (the wrong predictions first)."""
     keys: list[str] = []
+    loader = loaders()
     result = zeroshot_evaluate(
         loaded.model,
         loaded.tokenizer,
-        _KeyRecorder(loaders(), keys),
+        _KeyRecorder(loader, keys),
         class_names,
         templates,
         context_length=loaded.context_length,
@@ -169,6 +223,7 @@ def run_zeroshot(
         "mean_per_class_recall": result.mean_per_class_recall,
         "n_samples": result.n_samples,
         "n_classes": len(result.class_names),
+        **skip_metrics(loader.skip_counter, "zero-shot data"),
     }
     sections = [
         per_class_section(
@@ -227,7 +282,7 @@ class RetrievalRun:
 @torch.no_grad()
 def embed_images_and_captions(
     loaded: LoadedModel,
-    loader: ShardLoader,
+    loader: EvalLoader,
     *,
     captions: str = "all",
     precision: str = "fp32",
@@ -260,6 +315,12 @@ def embed_images_and_captions(
                 keys.append(key)
         if not image_chunks:
             raise ValueError("the data yielded no images")
+        if not texts:
+            raise ValueError(
+                "the data has no captions: retrieval needs images with captions (an "
+                "ImageFolder tree or a torchvision dataset has labels only; use shards or a "
+                "CSV / JSONL file with a caption column)"
+            )
         text_chunks = []
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, disable=not progress, desc="captions", unit="batch"):
@@ -295,8 +356,9 @@ def run_retrieval(
 ) -> RetrievalRun:
     """Image -> text and text -> image retrieval among every image and caption of
     `loaders()`; sections: Recall@K curves and example queries with their top 5 results."""
+    loader = loaders()
     image_features, text_features, text_image, keys, texts = embed_images_and_captions(
-        loaded, loaders(), captions=captions, precision=precision, batch_size=batch_size,
+        loaded, loader, captions=captions, precision=precision, batch_size=batch_size,
         progress=progress,
     )  # fmt: skip
     result = retrieval_metrics(
@@ -308,6 +370,7 @@ def run_retrieval(
         "n_images": n_images,
         "n_texts": n_texts,
         "captions": captions,
+        **skip_metrics(loader.skip_counter, "retrieval data"),
     }
     curves = {
         "image->text": recall_curve(result.image_to_text.ranks, n_texts),
@@ -394,3 +457,132 @@ def _retrieval_examples(
         ),
     )
     return section
+
+
+@torch.no_grad()
+def embed_labelled_images(
+    loaded: LoadedModel,
+    loader: EvalLoader,
+    *,
+    precision: str = "fp32",
+    progress: bool = True,
+    desc: str = "images",
+) -> tuple[Tensor, Tensor]:
+    """(image features (N, D) L2-normalised fp32 on the model's device, labels (N,) on the
+    CPU) of every labelled image of `loader`; ValueError for an unlabelled one."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
+    model = loaded.model
+    device = next(model.parameters()).device
+    dtype = PRECISIONS[precision]
+    features: list[Tensor] = []
+    labels: list[Tensor] = []
+    total = len(loader) if _has_length(loader) else None
+    with eval_mode(model):
+        for batch in tqdm(loader, total=total, disable=not progress, desc=desc, unit="batch"):
+            if (batch["labels"] < 0).any():
+                key = batch["keys"][int((batch["labels"] < 0).nonzero()[0])]
+                raise ValueError(f"sample {key!r} has no label: a probe needs labelled images")
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                features.append(embed_images(model, batch["images"].to(device)))
+            labels.append(batch["labels"])
+    if not features:
+        raise ValueError("the data yielded no images")
+    return torch.cat(features), torch.cat(labels)
+
+
+PROBE_DEFINITIONS = {
+    "zero-shot": "argmax of the cosine between the image and each class's averaged prompt "
+    "embeddings; no training images.",
+    "linear probe": "multinomial logistic regression on the frozen image features of the "
+    "training data, L2 strength chosen on a validation split of it (CLIP's protocol).",
+    "k-NN": "majority vote of the k training images of highest cosine similarity (ties: the "
+    "larger summed similarity).",
+}
+
+
+@dataclass
+class ProbeRun:
+    """Linear probe and/or k-NN results, their report metrics and their section."""
+
+    linear: ProbeResult | None
+    knn: KnnResult | None
+    metrics: dict[str, Any]
+    section: Section
+
+
+def run_probes(
+    loaded: LoadedModel,
+    train_loaders: LoaderFactory,
+    test_loaders: LoaderFactory,
+    n_classes: int,
+    *,
+    zeroshot_top1: float | None = None,
+    linear: bool = True,
+    knn_k: int | None = None,
+    knn_shots: int | None = None,
+    seed: int = 0,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> ProbeRun:
+    """Linear probe (`linear`) and k-NN (`knn_k`) on the frozen image features of the labelled
+    images of `train_loaders()`, scored on those of `test_loaders()`; metrics `linear_probe`
+    and `knn`, and a section comparing their top-1 with `zeroshot_top1`."""
+    if not linear and knn_k is None:
+        raise ValueError("run_probes: nothing to run (linear=False and knn_k=None)")
+    train_loader, test_loader = train_loaders(), test_loaders()
+    train = embed_labelled_images(
+        loaded, train_loader, precision=precision, progress=progress, desc="train images"
+    )
+    test = embed_labelled_images(
+        loaded, test_loader, precision=precision, progress=progress, desc="test images"
+    )
+    for name, (_, labels) in (("training", train), ("test", test)):
+        if labels.max() >= n_classes:
+            raise ValueError(f"the {name} data has label {labels.max()} but {n_classes} classes")
+    skipped: Counter[str] = Counter()
+    for loader, what in ((train_loader, "probe training data"), (test_loader, "probe test data")):
+        skipped.update(loader.skip_counter.report(what))
+    linear_result = linear_probe(train, test, n_classes, seed=seed) if linear else None
+    knn_result = (
+        knn_probe(train, test, knn_k, n_classes, shots=knn_shots, seed=seed)
+        if knn_k is not None
+        else None
+    )
+    metrics: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    if zeroshot_top1 is not None:
+        rows.append(
+            {"method": "zero-shot", "top-1": zeroshot_top1, "what": PROBE_DEFINITIONS["zero-shot"]}
+        )
+    if linear_result is not None:
+        metrics["linear_probe"] = linear_result.to_dict()
+        rows.append(
+            {
+                "method": f"linear probe (C={linear_result.c:.3g})",
+                "top-1": linear_result.top1,
+                "what": PROBE_DEFINITIONS["linear probe"],
+            }
+        )
+    if knn_result is not None:
+        metrics["knn"] = knn_result.to_dict()
+        shots = "all" if knn_shots is None else f"{knn_shots} a class"
+        rows.append(
+            {
+                "method": f"{knn_result.k}-NN ({shots})",
+                "top-1": knn_result.top1,
+                "what": PROBE_DEFINITIONS["k-NN"],
+            }
+        )
+    if skipped:
+        metrics["probe_skipped"] = dict(skipped)
+    section = table_section(
+        "Zero-shot, linear probe and k-NN",
+        rows,
+        text=(
+            f"Top-1 accuracy on the {len(test[1])} test images; the probes are trained on the "
+            f"image features of {len(train[1])} labelled training images (the image tower "
+            "frozen). Top-1: the share of test images whose predicted class is their label."
+        ),
+    )
+    return ProbeRun(linear_result, knn_result, metrics, section)

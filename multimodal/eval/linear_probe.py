@@ -1,0 +1,341 @@
+"""Linear probe and few-shot k-NN on frozen image features.
+
+Linear probe (CLIP's protocol, Radford et al. 2021, appendix A.3): multinomial logistic
+regression on the training features, its L2 strength chosen on a validation split carved from
+them (a coarse sweep over C = 10^-6 .. 10^6, then a refinement in log space around the best),
+refitted on train + validation with the chosen C and scored on the test features. The
+objective is scikit-learn's `LogisticRegression(C=C)` (multinomial, intercept not penalised),
+divided by the number of samples:
+
+    mean cross-entropy + ||W||^2 / (2 C N)
+
+minimised full-batch by L-BFGS in torch (float64 by default), so it runs where the features
+are (a GPU included) without scikit-learn.
+
+k-NN: each test feature takes the k training features of highest cosine similarity; each votes
+for its class and the class with the most votes wins (a tie: the class whose voters have the
+larger summed similarity, then the lower label). `few_shot_indices` keeps N random training
+samples per class first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+COARSE_EXPONENTS = tuple(range(-6, 7))  # C = 10^e
+REFINE_STEPS = 4  # halvings of the log10 step around the best C (1/2, 1/4, 1/8, 1/16)
+VAL_FRACTION = 0.2
+
+
+def _check(features: Tensor, labels: Tensor, name: str) -> None:
+    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
+        raise ValueError(
+            f"{name}: expected features (N, D) and labels (N,), got {tuple(features.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    if len(labels) == 0:
+        raise ValueError(f"{name}: no samples")
+
+
+@dataclass
+class LogisticModel:
+    """Multinomial logistic regression: logits = x @ weight.T + bias."""
+
+    weight: Tensor  # (C, D)
+    bias: Tensor  # (C,)
+
+    def logits(self, features: Tensor) -> Tensor:
+        """(N, D) -> (N, C)."""
+        return features.to(self.weight.dtype) @ self.weight.T + self.bias
+
+    def predict(self, features: Tensor) -> Tensor:
+        """(N, D) -> (N,) predicted classes."""
+        return self.logits(features).argmax(dim=1)
+
+
+def fit_logistic(
+    features: Tensor,
+    labels: Tensor,
+    n_classes: int,
+    c: float,
+    *,
+    max_iter: int = 1000,
+    dtype: torch.dtype = torch.float64,
+) -> LogisticModel:
+    """Logistic regression with inverse L2 strength `c` (scikit-learn's C), fitted by
+    full-batch L-BFGS (strong Wolfe line search) from zero weights."""
+    _check(features, labels, "fit_logistic")
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"c={c} must be a finite number > 0")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"labels must be in [0, {n_classes}), got {labels.min()}..{labels.max()}")
+    x = features.to(dtype)
+    y = labels.to(x.device).long()
+    n = len(y)
+    weight = torch.zeros(n_classes, x.shape[1], dtype=dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=dtype, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + weight.pow(2).sum() / (2 * c * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return LogisticModel(weight.detach(), bias.detach())
+
+
+def accuracy(predictions: Tensor, labels: Tensor) -> float:
+    """Share of predictions equal to the labels."""
+    return (predictions.cpu() == labels.cpu()).double().mean().item()
+
+
+@dataclass
+class Sweep:
+    """The C chosen on the validation split and the validation accuracy of every C tried."""
+
+    best_c: float
+    scores: dict[float, float]  # C -> validation accuracy
+
+
+def _better(score: float, c: float, best: tuple[float, float] | None) -> bool:
+    # higher accuracy wins; a tie goes to the smaller C (stronger regularisation)
+    return best is None or score > best[0] or (score == best[0] and c < best[1])
+
+
+def sweep_c(
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    n_classes: int,
+    *,
+    coarse: Sequence[float] = COARSE_EXPONENTS,
+    refine_steps: int = REFINE_STEPS,
+    max_iter: int = 1000,
+) -> Sweep:
+    """C = 10^e for each e of `coarse`, then `refine_steps` rounds that try the best exponent
+    +- a step halved each round (starting at half the coarse spacing); each C is fitted on
+    `train` and scored on `val`. The best C (ties: the smallest) and every score."""
+    if not coarse:
+        raise ValueError("coarse: expected at least one exponent")
+    scores: dict[float, float] = {}
+    exponents: dict[float, float] = {}  # C -> its exponent
+
+    def score(exponent: float) -> None:
+        c = 10.0**exponent
+        if c not in scores:
+            model = fit_logistic(*train, n_classes, c, max_iter=max_iter)
+            scores[c] = accuracy(model.predict(val[0]), val[1])
+            exponents[c] = exponent
+
+    for exponent in coarse:
+        score(float(exponent))
+
+    def best() -> float:
+        chosen: tuple[float, float] | None = None
+        for c, value in scores.items():
+            if _better(value, c, chosen):
+                chosen = (value, c)
+        assert chosen is not None
+        return chosen[1]
+
+    ordered = sorted(float(e) for e in coarse)
+    step = (ordered[-1] - ordered[0]) / max(1, len(ordered) - 1) / 2 or 0.5
+    for _ in range(refine_steps):
+        centre = exponents[best()]
+        score(centre - step)
+        score(centre + step)
+        step /= 2
+    return Sweep(best(), scores)
+
+
+def split_train_val(
+    labels: Tensor, val_fraction: float = VAL_FRACTION, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """(train indices, val indices): per class, `val_fraction` of its samples (rounded, at
+    least one, never all) drawn at random for validation; a class of one sample stays in
+    train. Sorted indices."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    train, val = [], []
+    for label in torch.unique(labels).tolist():
+        index = torch.nonzero(labels == label).flatten()
+        index = index[torch.randperm(len(index), generator=generator)]
+        n_val = min(len(index) - 1, max(1, round(val_fraction * len(index))))
+        val.append(index[:n_val])
+        train.append(index[n_val:])
+    train_index, val_index = torch.cat(train).sort().values, torch.cat(val).sort().values
+    if len(val_index) == 0:
+        raise ValueError("no validation samples: every class has a single training sample")
+    return train_index, val_index
+
+
+@dataclass
+class ProbeResult:
+    """A linear probe: test top-1, the chosen C, its validation accuracy, the sizes."""
+
+    top1: float
+    c: float
+    val_top1: float
+    n_train: int
+    n_val: int
+    n_test: int
+    sweep: dict[float, float] = field(repr=False)
+    predictions: Tensor = field(repr=False)  # (N_test,)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "top1": self.top1,
+            "C": self.c,
+            "val_top1": self.val_top1,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "n_test": self.n_test,
+            "n_C_tried": len(self.sweep),
+        }
+
+
+def linear_probe(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    n_classes: int,
+    *,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = 0,
+    coarse: Sequence[float] = COARSE_EXPONENTS,
+    refine_steps: int = REFINE_STEPS,
+    max_iter: int = 1000,
+) -> ProbeResult:
+    """CLIP's linear probe: C swept on a validation split of `train`, the model refitted on
+    all of `train` with it and scored on `test`. Features (N, D), labels (N,) in [0, C)."""
+    _check(*train, "train")
+    _check(*test, "test")
+    fit_index, val_index = split_train_val(train[1], val_fraction, seed)
+    x, y = train[0], train[1]
+    fit_index, val_index = fit_index.to(x.device), val_index.to(x.device)
+    found = sweep_c(
+        (x[fit_index], y[fit_index]),
+        (x[val_index], y[val_index]),
+        n_classes,
+        coarse=coarse,
+        refine_steps=refine_steps,
+        max_iter=max_iter,
+    )
+    model = fit_logistic(x, y, n_classes, found.best_c, max_iter=max_iter)
+    predictions = model.predict(test[0]).cpu()
+    return ProbeResult(
+        top1=accuracy(predictions, test[1]),
+        c=found.best_c,
+        val_top1=found.scores[found.best_c],
+        n_train=len(fit_index),
+        n_val=len(val_index),
+        n_test=len(test[1]),
+        sweep=found.scores,
+        predictions=predictions,
+    )
+
+
+def few_shot_indices(labels: Tensor, shots: int, seed: int = 0) -> Tensor:
+    """Sorted indices of `shots` random samples of each class (all of a smaller class)."""
+    if shots < 1:
+        raise ValueError(f"shots={shots} must be >= 1")
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    chosen = []
+    for label in torch.unique(labels).tolist():
+        index = torch.nonzero(labels == label).flatten()
+        chosen.append(index[torch.randperm(len(index), generator=generator)[:shots]])
+    return torch.cat(chosen).sort().values
+
+
+def knn_predict(
+    train: tuple[Tensor, Tensor],
+    test_features: Tensor,
+    k: int,
+    n_classes: int,
+    *,
+    chunk: int = 1024,
+) -> Tensor:
+    """(N_test,) classes by a k-nearest-neighbour vote under cosine similarity (see the module
+    docstring for ties); k is capped at the number of training samples."""
+    features, labels = train
+    _check(features, labels, "knn train")
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    k = min(k, len(labels))
+    gallery = F.normalize(features.float(), dim=-1)
+    labels = labels.to(gallery.device).long()
+    out = []
+    for start in range(0, len(test_features), chunk):
+        queries = F.normalize(test_features[start : start + chunk].float(), dim=-1)
+        top, index = (queries.to(gallery.device) @ gallery.T).topk(k, dim=1)  # (q, k)
+        one_hot = F.one_hot(labels[index], n_classes).to(top.dtype)  # (q, k, C)
+        votes = one_hot.sum(1)  # (q, C)
+        similarity = (one_hot * top.unsqueeze(2)).sum(1)  # (q, C) in [-k, k]
+        # one more vote outweighs any difference of summed similarity (at most 2k)
+        out.append((votes * (2 * k + 1) + similarity).argmax(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+@dataclass
+class KnnResult:
+    """Few-shot k-NN: test top-1, k, the shots per class (None: all) and the gallery size."""
+
+    top1: float
+    k: int
+    shots: int | None
+    n_train: int
+    n_test: int
+    predictions: Tensor = field(repr=False)
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            "top1": self.top1,
+            "k": self.k,
+            "shots_per_class": self.shots,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+        }
+
+
+def knn_probe(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    k: int,
+    n_classes: int,
+    *,
+    shots: int | None = None,
+    seed: int = 0,
+) -> KnnResult:
+    """k-NN top-1 on `test` with `train` (or `shots` random samples a class of it)."""
+    _check(*test, "test")
+    features, labels = train
+    if shots is not None:
+        index = few_shot_indices(labels, shots, seed).to(features.device)
+        features, labels = features[index], labels[index]
+    predictions = knn_predict((features, labels), test[0], k, n_classes)
+    return KnnResult(
+        top1=accuracy(predictions, test[1]),
+        k=min(k, len(labels)),
+        shots=shots,
+        n_train=len(labels),
+        n_test=len(test[1]),
+        predictions=predictions,
+    )
