@@ -171,8 +171,9 @@ def shard_loader(
     num_workers: int,
     one_item_per_sample: bool,
 ) -> ShardLoader:
-    """Every sample of the shards once, in order, the last batch kept partial, mapped and
-    collated as a datamodule's validation loader does it (one process, no shuffling)."""
+    """Every sample of the shards once, the last batch kept partial, mapped and collated as a
+    datamodule's validation loader does it (one process, no shuffling): in shard order with
+    0 or 1 workers, several workers interleaving the batches of their shards."""
     config = ShardPipelineConfig(
         urls=urls,
         batch_size=batch_size,

@@ -297,6 +297,7 @@ def per_class_section(
     *,
     support: Sequence[int] | None = None,
     title: str = "Per-class accuracy",
+    label: str = "class",
 ) -> Section:
     """A horizontal bar chart of per-class accuracy (lowest first) and a table in the same
     order. NaN or None (a class without samples) shows as n/a.
@@ -305,6 +306,7 @@ def per_class_section(
         class_names: C names.
         accuracies: C accuracies (a list, numpy array or tensor).
         support: optional C sample counts, shown as a column.
+        label: what the names are (the table's first column), e.g. "question type".
     """
     names = _names(class_names)
     values = [_as_float(a, f"accuracies[{i}]") for i, a in enumerate(_sequence(accuracies))]
@@ -322,7 +324,7 @@ def per_class_section(
                 f"got {len(counts)}"
             )
     order = sorted(range(len(names)), key=lambda i: (math.isnan(values[i]), values[i]))
-    columns = ["class", "accuracy"] + (["support"] if counts is not None else [])
+    columns = [label, "accuracy"] + (["support"] if counts is not None else [])
     rows = [
         [names[i], None if math.isnan(values[i]) else values[i]]
         + ([counts[i]] if counts is not None else [])
@@ -331,7 +333,10 @@ def per_class_section(
     blocks: list[Block] = []
     if any(not math.isnan(v) for v in values):
         fig = plots.per_class_figure(names, values, title)
-        blocks.append(_plot(fig, f"accuracy of each of {len(names)} classes, lowest first"))
+        alt = f"accuracy of each of {len(names)} classes, lowest first"
+        if label != "class":
+            alt = f"accuracy by {label} ({len(names)}), lowest first"
+        blocks.append(_plot(fig, alt))
     blocks.append(Table(columns, rows))
     return Section(title, blocks)
 

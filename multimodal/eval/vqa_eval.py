@@ -275,7 +275,11 @@ def type_sections(metrics: dict[str, Any]) -> list[Section]:
         names = list(accuracy)
         sections.append(
             per_class_section(
-                names, [accuracy[n] for n in names], support=[counts[n] for n in names], title=title
+                names,
+                [accuracy[n] for n in names],
+                support=[counts[n] for n in names],
+                title=title,
+                label=field.replace("_", " "),
             )
         )
     return sections

@@ -306,6 +306,7 @@ def test_vqa_eval_reproduces_validation_and_types(vqa_run, tmp_path):
 
     html = (out / "report.html").read_text()
     assert "Accuracy by question type" in html and "Accuracy by answer type" in html
+    assert "<th>question type</th>" in html and "<th>answer type</th>" in html
     examples = html.split("<h2>Examples</h2>")[1]
     assert examples.count("<img") == 6
     assert examples.count('class="bad"') == 3 and examples.count('class="ok"') == 3
