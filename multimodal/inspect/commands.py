@@ -309,9 +309,9 @@ def run(args: argparse.Namespace) -> Path:
         "Rollout: per layer the heads are fused, the identity added for the residual and rows "
         "normalised; the layers are multiplied from the first. The map is the "
         + (
-            "class token's row"
-            if vit.layout.source == "cls"
-            else "mean of the patch rows (the tower has no class token)"
+            "class token's row (the tower pools its class token)"
+            if tower.config.pool == "token"
+            else "mean of the patch rows (the tower pools the patch tokens)"
         )
         + " over the patches. Each overlay is scaled to its own minimum and maximum."
     ]

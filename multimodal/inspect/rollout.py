@@ -42,9 +42,9 @@ class PatchLayout(NamedTuple):
 def vit_layout(vit: ViT, image_size: tuple[int, int]) -> PatchLayout:
     """The `PatchLayout` of a `vision.ViT` for images of `image_size` (H, W) pixels.
 
-    A ViT with a class token is read from its class token's row; one without (pool "avg" or
-    "attn") from the mean of its patch rows (for "attn" the learned query's own weights are
-    not part of the rollout)."""
+    The map is read where the tower's pooled output comes from: the class token's row for
+    pool "token", the mean of the patch rows for pool "avg" (and for "attn", whose learned
+    query's own weights are not part of the rollout)."""
     if not isinstance(vit, ViT):
         raise ValueError(
             f"attention maps need a vision.ViT image tower (it returns its attention weights); "
@@ -56,7 +56,7 @@ def vit_layout(vit: ViT, image_size: tuple[int, int]) -> PatchLayout:
     if H % p or W % p:
         raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
     return PatchLayout(
-        vit.n_leading_tokens, (H // p, W // p), "cls" if config.class_token else "mean"
+        vit.n_leading_tokens, (H // p, W // p), "cls" if config.pool == "token" else "mean"
     )
 
 

@@ -69,14 +69,19 @@ def test_rollout_equals_the_hand_computation_with_class_token_and_registers(fusi
     np.testing.assert_allclose(image_map, expected[:, 0, 3:].reshape(2, 4, 4), rtol=1e-10)
 
 
-def test_rollout_without_class_token_reads_the_mean_of_the_patch_rows():
-    vit = tiny_vit(class_token=False, pool="avg")
+@pytest.mark.parametrize("class_token", [False, True])
+def test_rollout_of_an_average_pooled_vit_reads_the_mean_of_the_patch_rows(class_token):
+    vit = tiny_vit(class_token=class_token, pool="avg")
     weights = weights_of(vit)
     layout = vit_layout(vit, (IMAGE, IMAGE))
-    assert (layout.leading, layout.source) == (0, "mean")
+    first = int(class_token)  # the patches' first token
+    assert (layout.leading, layout.source) == (first, "mean")
     expected = hand_rollout(weights, "mean")
     column_means = np.array(
-        [[sum(expected[b, i, j] for i in range(16)) / 16 for j in range(16)] for b in range(2)]
+        [
+            [sum(expected[b, first + i, first + j] for i in range(16)) / 16 for j in range(16)]
+            for b in range(2)
+        ]
     )
     image_map = rollout_map([torch.from_numpy(w) for w in weights], layout).numpy()
     np.testing.assert_allclose(image_map, column_means.reshape(2, 4, 4), rtol=1e-10)
