@@ -8,7 +8,9 @@ marks padded items, which are dropped. Each field goes where it reads best:
 - a floating tensor of 2 or more dimensions (embeddings) -> `<field>.npy` (float32, one row
   per sample) next to `keys.txt` (one key a line, the rows' order);
 - everything else (captions, answers, class indices, token ids) -> `predictions.jsonl`, one
-  JSON object per sample: `{"key": ..., "<field>": ...}`.
+  JSON object per sample: `{"key": ..., "<field>": ...}`;
+- `manifest.json` lists the files written and their rows; a later run into the same folder
+  removes the files of the previous one that it does not write again.
 
 Under DDP each rank writes `.parts/part-rank<r>.npz` and `.parts/part-rank<r>.jsonl`
 (atomically: a temporary name, then `os.replace`), all ranks meet at a barrier, and rank 0
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 KEYS = "keys.txt"
 JSONL = "predictions.jsonl"
+MANIFEST = "manifest.json"  # what the last merge wrote: {"files": {name: rows}, "ranks": n}
 PARTS = ".parts"
 DEFAULT_FOLDER = "predictions"
 
@@ -126,6 +129,17 @@ def _write_text(path: Path, text: str) -> None:
     _replace(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
+def write_part(
+    folder: Path, rank: int, keys: list[str], arrays: dict[str, np.ndarray], records: list[dict]
+) -> None:
+    """Rank `rank`'s rows as `folder/.parts/part-rank<r>.npz` (keys and arrays) and `.jsonl`
+    (records), each written atomically."""
+    parts = folder / PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_npz(parts / f"part-rank{rank}.npz", keys, arrays)
+    _write_jsonl(parts / f"part-rank{rank}.jsonl", records)
+
+
 def merge_parts(folder: Path, world_size: int) -> dict[str, int]:
     """Concatenate the parts of ranks 0 .. world_size - 1 in rank order into `folder`
     (`<field>.npy` + `keys.txt`, `predictions.jsonl`); returns {file name: rows}. Reads the
@@ -157,8 +171,20 @@ def merge_parts(folder: Path, world_size: int) -> dict[str, int]:
     if records:
         _write_text(folder / JSONL, "".join(f"{r}\n" for r in records))
         written[JSONL] = len(records)
+    for stale in set(_manifest_files(folder)) - set(written):  # a previous run's, not rewritten
+        (folder / stale).unlink(missing_ok=True)
+    _write_text(folder / MANIFEST, json.dumps({"files": written, "ranks": world_size}, indent=1))
     shutil.rmtree(parts)
     return written
+
+
+def _manifest_files(folder: Path) -> list[str]:
+    """The files the last merge into `folder` wrote (none without its manifest)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return []
+    files = json.loads(path.read_text(encoding="utf-8")).get("files", {})
+    return [name for name in files if Path(name).name == name]  # plain names in the folder
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -218,11 +244,8 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero and parts.exists():
             shutil.rmtree(parts)  # a previous run's parts (maybe of more ranks)
         trainer.strategy.barrier("prediction_parts_clean")
-        parts.mkdir(parents=True, exist_ok=True)
-        rank = trainer.global_rank
         arrays = {name: np.concatenate(chunks) for name, chunks in self._arrays.items()}
-        _write_npz(parts / f"part-rank{rank}.npz", self._keys, arrays)
-        _write_jsonl(parts / f"part-rank{rank}.jsonl", self._records)
+        write_part(folder, trainer.global_rank, self._keys, arrays, self._records)
         trainer.strategy.barrier("prediction_parts_written")
         if trainer.is_global_zero:
             self.written = merge_parts(folder, trainer.world_size)

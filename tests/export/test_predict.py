@@ -24,7 +24,13 @@ from multimodal.data.digits import DIGIT_NAMES
 from multimodal.data.predict_inputs import RankRangeSampler, list_images
 from multimodal.data.shards import encode_png, write_shards
 from multimodal.eval.loading import instantiate_model_and_data
-from multimodal.export.predict import PredictionWriter, split_rows
+from multimodal.export.predict import (
+    JSONL,
+    PredictionWriter,
+    merge_parts,
+    split_rows,
+    write_part,
+)
 from multimodal.tasks.captioning import cut_at
 from tests.helpers import CONFIGS, ROOT, quiet_trainer
 from text.generation import GenerationConfig, generate
@@ -246,7 +252,10 @@ def test_clip_embeddings_of_shards_and_folder_equal_encode_in_key_order(clip_run
     with torch.no_grad():
         reference = task.model.encode_image(pixels)
     np.testing.assert_allclose(np.load(images / "image_embeddings.npy"), reference, atol=1e-5)
-    assert sorted(p.name for p in images.iterdir()) == ["image_embeddings.npy", "keys.txt"]
+    files = ["image_embeddings.npy", "keys.txt", "manifest.json"]
+    assert sorted(p.name for p in images.iterdir()) == files
+    manifest = json.loads((images / "manifest.json").read_text())
+    assert manifest == {"files": {"image_embeddings.npy": 5, "keys.txt": 5}, "ranks": 1}
 
 
 def test_captions_of_an_image_folder_equal_generate(caption_run, inputs):
@@ -428,6 +437,9 @@ def test_two_ddp_processes_write_what_one_process_writes(clip_run, caption_run, 
         for path in reference.iterdir():
             if path.suffix == ".npy":
                 np.testing.assert_allclose(np.load(out / path.name), np.load(path), atol=1e-5)
+            elif path.name == "manifest.json":
+                two, one = (json.loads(p.read_text()) for p in (out / path.name, path))
+                assert two == {**one, "ranks": 2}
             else:
                 assert (out / path.name).read_text() == path.read_text(), path.name
 
@@ -461,6 +473,32 @@ def test_split_rows_drops_padded_items_and_sends_arrays_and_text_apart():
     ]
     with pytest.raises(ValueError, match="sample `keys`"):
         split_rows({"caption": ["x"]})
+
+
+def test_merge_concatenates_the_parts_in_rank_order_and_removes_a_previous_runs_files(
+    tmp_path,
+):
+    def write_parts(rows_per_rank: list[list[str]], with_text: bool) -> None:
+        for rank, keys in enumerate(rows_per_rank):
+            prediction = {"keys": keys, "text_embeddings": torch.ones(len(keys), 2) * rank}
+            if with_text:
+                prediction["caption"] = [f"caption {k}" for k in keys]
+            write_part(tmp_path, rank, *split_rows(prediction))
+
+    write_parts([["a", "b"], ["c"], []], with_text=True)  # the last rank got nothing
+    assert merge_parts(tmp_path, 3) == {"text_embeddings.npy": 3, "keys.txt": 3, JSONL: 3}
+    assert read_keys(tmp_path) == ["a", "b", "c"]
+    np.testing.assert_array_equal(np.load(tmp_path / "text_embeddings.npy")[:, 0], [0, 0, 1])
+    assert [r["caption"] for r in read_jsonl(tmp_path / JSONL)] == [
+        "caption a",
+        "caption b",
+        "caption c",
+    ]
+    assert not (tmp_path / ".parts").exists()
+    write_parts([["d"], ["e"]], with_text=False)
+    merge_parts(tmp_path, 2)
+    assert not (tmp_path / JSONL).exists()  # the first run's, not written again
+    assert read_keys(tmp_path) == ["d", "e"]
 
 
 def test_an_image_folder_without_images_and_a_text_module_without_prompts_are_refused(
