@@ -182,4 +182,7 @@ class Captioner(nn.Module):
 def _takes_return_attention(tower: nn.Module) -> bool:
     """Whether an image tower's forward accepts `return_attention` (our ViT does, timm
     backbones do not)."""
-    return "return_attention" in inspect.signature(tower.forward).parameters
+    try:
+        return "return_attention" in inspect.signature(tower.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return False

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusion import CoAttentionEncoder, GatedDecoder, SingleStreamEncoder
-from multimodal.layers import Transformer, TransformerConfig
+from multimodal.layers import TowerOutput, Transformer, TransformerConfig
 from multimodal.models import Captioner
 from text import DecoderLM, EncoderDecoderLM, EncoderLM, TextConfig, TextEncoder
 from vision.vit import ViT, ViTConfig
@@ -219,3 +219,31 @@ def test_gated_decoder():
     check_rows(on.attentions, causal=True)
     check_rows(on.cross_attentions, IMAGE_MASK)
     assert len(on.cross_attentions) == 2  # gated layers before blocks 0 and 2
+
+
+class PatchTower(torch.nn.Module):
+    """An image tower without attention weights (as a timm CNN): 4 x 4 patch features."""
+
+    out_dim = DIM
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, DIM, 4, stride=4)
+
+    def forward(self, images):
+        tokens = self.proj(images).flatten(2).transpose(1, 2)  # (B, 4, DIM)
+        return TowerOutput(tokens.mean(1), tokens)
+
+
+def test_captioner_with_a_tower_that_returns_no_weights():
+    torch.manual_seed(0)
+    decoder = DecoderLM(text_config(causal=True, cross_attention=True))
+    on = outputs(
+        Captioner(PatchTower(), decoder),
+        IMAGES,
+        IDS,
+        MASK,
+        weight_fields=("image_attentions", "attentions", "cross_attentions"),
+    )
+    assert on.image_attentions is None
+    check_rows(on.cross_attentions)
