@@ -494,8 +494,9 @@ def embed_labelled_images(
 PROBE_DEFINITIONS = {
     "zero-shot": "argmax of the cosine between the image and each class's averaged prompt "
     "embeddings; no training images.",
-    "linear probe": "multinomial logistic regression on the frozen image features of the "
-    "training data, L2 strength chosen on a validation split of it (CLIP's protocol).",
+    "linear probe": "multinomial logistic regression on the frozen (standardised) image "
+    "features of the training data, L2 strength chosen on a validation split of it (CLIP's "
+    "protocol).",
     "k-NN": "majority vote of the k training images of highest cosine similarity (ties: the "
     "larger summed similarity).",
 }
@@ -543,7 +544,9 @@ def run_probes(
     skipped: Counter[str] = Counter()
     for loader, what in ((train_loader, "probe training data"), (test_loader, "probe test data")):
         skipped.update(loader.skip_counter.report(what))
-    linear_result = linear_probe(train, test, n_classes, seed=seed) if linear else None
+    linear_result = (
+        linear_probe(train, test, n_classes, seed=seed, progress=progress) if linear else None
+    )
     knn_result = (
         knn_probe(train, test, knn_k, n_classes, shots=knn_shots, seed=seed)
         if knn_k is not None

@@ -3,7 +3,10 @@
 Linear probe (CLIP's protocol, Radford et al. 2021, appendix A.3): multinomial logistic
 regression on the training features, its L2 strength chosen on a validation split carved from
 them (a coarse sweep over C = 10^-6 .. 10^6, then a refinement in log space around the best),
-refitted on train + validation with the chosen C and scored on the test features. The
+refitted on train + validation with the chosen C and scored on the test features. Features
+are standardised first with the statistics of the data each model is fitted on (per
+dimension: zero mean, unit variance): C then means the same for every model, and L-BFGS
+converges in far fewer steps on features as concentrated as a CLIP's (cosines ~0.99). The
 objective is scikit-learn's `LogisticRegression(C=C)` (multinomial, intercept not penalised),
 divided by the number of samples:
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 COARSE_EXPONENTS = tuple(range(-6, 7))  # C = 10^e
 REFINE_STEPS = 4  # halvings of the log10 step around the best C (1/2, 1/4, 1/8, 1/16)
@@ -78,27 +82,51 @@ def fit_logistic(
     x = features.to(dtype)
     y = labels.to(x.device).long()
     n = len(y)
-    weight = torch.zeros(n_classes, x.shape[1], dtype=dtype, device=x.device, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=dtype, device=x.device, requires_grad=True)
+    rows = torch.arange(n, device=x.device)
+    weight = torch.zeros(n_classes, x.shape[1], dtype=dtype, device=x.device)
+    bias = torch.zeros(n_classes, dtype=dtype, device=x.device)
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1,
         max_iter=max_iter,
         tolerance_grad=1e-6,
         tolerance_change=1e-9,
-        history_size=20,
+        history_size=10,
         line_search_fn="strong_wolfe",
     )
 
+    @torch.no_grad()
     def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.T + bias, y) + weight.pow(2).sum() / (2 * c * n)
-        loss.backward()
+        # the gradient in closed form (softmax - one-hot): a third of autograd's time here
+        logits = x @ weight.T + bias  # (N, C)
+        loss = F.cross_entropy(logits, y) + weight.pow(2).sum() / (2 * c * n)
+        residual = logits.softmax(dim=1)
+        residual[rows, y] -= 1
+        residual /= n
+        weight.grad = residual.T @ x + weight / (c * n)  # (C, D)
+        bias.grad = residual.sum(0)  # (C,)
         return loss
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return LogisticModel(weight.detach(), bias.detach())
+    optimizer.step(closure)
+    return LogisticModel(weight, bias)
+
+
+@dataclass
+class Standardizer:
+    """Per-dimension zero mean and unit variance with the statistics of fitted features (a
+    constant dimension is only centred)."""
+
+    mean: Tensor  # (D,)
+    std: Tensor  # (D,)
+
+    @classmethod
+    def fit(cls, features: Tensor) -> Standardizer:
+        x = features.double()
+        std = x.std(0, correction=0)
+        return cls(x.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
+
+    def __call__(self, features: Tensor) -> Tensor:
+        return (features.double() - self.mean) / self.std
 
 
 def accuracy(predictions: Tensor, labels: Tensor) -> float:
@@ -127,14 +155,19 @@ def sweep_c(
     coarse: Sequence[float] = COARSE_EXPONENTS,
     refine_steps: int = REFINE_STEPS,
     max_iter: int = 1000,
+    progress: bool = False,
 ) -> Sweep:
     """C = 10^e for each e of `coarse`, then `refine_steps` rounds that try the best exponent
     +- a step halved each round (starting at half the coarse spacing); each C is fitted on
-    `train` and scored on `val`. The best C (ties: the smallest) and every score."""
+    `train` and scored on `val` (each fit from zero weights, so a score does not depend on
+    the order of the sweep). The best C (ties: the smallest) and every score."""
     if not coarse:
         raise ValueError("coarse: expected at least one exponent")
     scores: dict[float, float] = {}
     exponents: dict[float, float] = {}  # C -> its exponent
+    bar = tqdm(
+        total=len(set(coarse)) + 2 * refine_steps, disable=not progress, desc="probe C", unit="fit"
+    )
 
     def score(exponent: float) -> None:
         c = 10.0**exponent
@@ -142,6 +175,7 @@ def sweep_c(
             model = fit_logistic(*train, n_classes, c, max_iter=max_iter)
             scores[c] = accuracy(model.predict(val[0]), val[1])
             exponents[c] = exponent
+        bar.update()
 
     for exponent in coarse:
         score(float(exponent))
@@ -161,6 +195,7 @@ def sweep_c(
         score(centre - step)
         score(centre + step)
         step /= 2
+    bar.close()
     return Sweep(best(), scores)
 
 
@@ -222,24 +257,29 @@ def linear_probe(
     coarse: Sequence[float] = COARSE_EXPONENTS,
     refine_steps: int = REFINE_STEPS,
     max_iter: int = 1000,
+    progress: bool = False,
 ) -> ProbeResult:
     """CLIP's linear probe: C swept on a validation split of `train`, the model refitted on
-    all of `train` with it and scored on `test`. Features (N, D), labels (N,) in [0, C)."""
+    all of `train` with it and scored on `test`. Features (N, D), labels (N,) in [0, C),
+    standardised with the statistics of the features each model is fitted on."""
     _check(*train, "train")
     _check(*test, "test")
     fit_index, val_index = split_train_val(train[1], val_fraction, seed)
     x, y = train[0], train[1]
     fit_index, val_index = fit_index.to(x.device), val_index.to(x.device)
+    scale = Standardizer.fit(x[fit_index])
     found = sweep_c(
-        (x[fit_index], y[fit_index]),
-        (x[val_index], y[val_index]),
+        (scale(x[fit_index]), y[fit_index]),
+        (scale(x[val_index]), y[val_index]),
         n_classes,
         coarse=coarse,
         refine_steps=refine_steps,
         max_iter=max_iter,
+        progress=progress,
     )
-    model = fit_logistic(x, y, n_classes, found.best_c, max_iter=max_iter)
-    predictions = model.predict(test[0]).cpu()
+    scale = Standardizer.fit(x)
+    model = fit_logistic(scale(x), y, n_classes, found.best_c, max_iter=max_iter)
+    predictions = model.predict(scale(test[0])).cpu()
     return ProbeResult(
         top1=accuracy(predictions, test[1]),
         c=found.best_c,

@@ -1,0 +1,239 @@
+"""Linear probe and k-NN (multimodal/eval/linear_probe.py) against scikit-learn and brute
+force, and `multimodal zeroshot --linear-probe TRAIN_DATA --knn K` against the same functions
+applied by hand to the image features."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from multimodal.data.digits import DIGIT_NAMES, load_digit_images
+from multimodal.eval import commands, evaluate
+from multimodal.eval.commands import zeroshot_main
+from multimodal.eval.evaluate import embed_labelled_images, eval_loader
+from multimodal.eval.linear_probe import (
+    accuracy,
+    few_shot_indices,
+    fit_logistic,
+    knn_predict,
+    knn_probe,
+    linear_probe,
+    split_train_val,
+    sweep_c,
+)
+from multimodal.eval.loading import LoadedModel, instantiate_model_and_data
+from tests.export.conftest import tiny_digits_config
+from tests.helpers import CONFIGS, save_task
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    """scikit-learn's digits as 64 pixel features in [0, 1]: (train x, y), (test x, y)."""
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0)
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = order[:700], order[700:1000]
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def test_probe_separates_well_separated_features():
+    generator = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(5, 16, generator=generator), dim=1) * 4
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(5).repeat_interleave(n)
+        return centres[labels] + 0.3 * torch.randn(len(labels), 16, generator=generator), labels
+
+    result = linear_probe(draw(20), draw(10), 5, coarse=(-4, -2, 0, 2, 4), refine_steps=1)
+    assert result.top1 == 1.0 and result.n_test == 50
+    assert result.n_train + result.n_val == 100 and result.n_val == 20
+
+
+@pytest.mark.parametrize("c", [0.1, 1.0])
+def test_logistic_regression_matches_scikit_learn(pixels, c):
+    (x, y), (test_x, test_y) = pixels
+    ours = fit_logistic(x, y, 10, c)
+    reference = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x.numpy(), y.numpy())
+    theirs = (reference.predict(test_x.numpy()) == test_y.numpy()).mean()
+    assert abs(accuracy(ours.predict(test_x), test_y) - theirs) <= 0.01
+    # the same objective: the same optimum
+    np.testing.assert_allclose(ours.weight.numpy(), reference.coef_, atol=5e-3)
+    probabilities = ours.logits(test_x).softmax(1).numpy()
+    np.testing.assert_allclose(probabilities, reference.predict_proba(test_x.numpy()), atol=1e-3)
+
+
+def test_sweep_picks_the_best_validation_accuracy(pixels):
+    (x, y), _ = pixels
+    fit, val = split_train_val(y, 0.3, seed=0)
+    train_set, val_set = (x[fit], y[fit]), (x[val], y[val])
+    sweep = sweep_c(train_set, val_set, 10, coarse=(-3, -1, 1), refine_steps=2)
+    # coarse grid, then 2 refinements of +-1 and +-0.5 decades around the best so far
+    assert {10.0**e for e in (-3, -1, 1)} <= set(sweep.scores)
+    assert 5 <= len(sweep.scores) <= 7
+    brute = {  # every C tried, refitted and scored here
+        c: accuracy(fit_logistic(*train_set, 10, c).predict(x[val]), y[val]) for c in sweep.scores
+    }
+    assert brute == sweep.scores
+    best = max(brute.values())
+    assert sweep.best_c == min(c for c, score in brute.items() if score == best)
+    assert best > 0.9  # the digits pixels are linearly separable enough
+
+
+def test_split_keeps_every_class_in_train_and_is_seeded():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
+    train, val = split_train_val(labels, 0.2, seed=3)
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(16))
+    assert labels[val].tolist() == [0, 0, 1]  # 20% of 10, at least 1 of 5, none of 1
+    assert set(labels[train].tolist()) == {0, 1, 2}
+    again = split_train_val(labels, 0.2, seed=3)
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+
+
+def brute_force_knn(train_x, train_y, test_x, k: int) -> list[int]:
+    """k-NN by hand: cosine to every training sample, the k best vote; ties by summed
+    similarity, then the lower label."""
+    predictions = []
+    for query in test_x.tolist():
+        similarities = []
+        for row, label in zip(train_x.tolist(), train_y.tolist(), strict=True):
+            dot = sum(a * b for a, b in zip(query, row, strict=True))
+            norms = math.sqrt(sum(a * a for a in query)) * math.sqrt(sum(b * b for b in row))
+            similarities.append((dot / norms, label))
+        nearest = sorted(similarities, reverse=True)[:k]
+        votes: dict[int, list[float]] = {}
+        for similarity, label in nearest:
+            votes.setdefault(label, []).append(similarity)
+        predictions.append(max(votes, key=lambda c: (len(votes[c]), sum(votes[c]), -c)))
+    return predictions
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_knn_equals_brute_force(k):
+    generator = torch.Generator().manual_seed(k)
+    train_x = torch.randn(60, 8, generator=generator)
+    train_y = torch.randint(0, 4, (60,), generator=generator)
+    test_x = torch.randn(25, 8, generator=generator)
+    found = knn_predict((train_x, train_y), test_x, k, 4, chunk=10)
+    assert found.tolist() == brute_force_knn(train_x, train_y, test_x, k)
+
+
+def test_few_shot_knn_uses_that_many_samples_a_class():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 7 + [1] * 2 + [2] * 5)
+    chosen = few_shot_indices(labels, 3, seed=1)
+    assert torch.bincount(labels[chosen]).tolist() == [3, 2, 3]
+    assert torch.equal(chosen, few_shot_indices(labels, 3, seed=1))
+    features = torch.randn(14, 6, generator=generator)
+    test = (torch.randn(9, 6, generator=generator), torch.randint(0, 3, (9,), generator=generator))
+    result = knn_probe((features, labels), test, 2, 3, shots=3, seed=1)
+    expected = brute_force_knn(features[chosen], labels[chosen], test[0], 2)
+    assert result.predictions.tolist() == expected and result.n_train == 8
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(checkpoint, config, LoadedModel) of a randomly initialised tiny digits CLIP, built once
+    (the command gets it instead of rebuilding it from the config: test_commands tests that)."""
+    root = tmp_path_factory.mktemp("tiny_probe_clip")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_digits_config()))
+    task, data = instantiate_model_and_data(config)
+    checkpoint = save_task(task, root / "tiny.ckpt")
+    return checkpoint, config, LoadedModel.from_datamodule(task.model.eval(), data, "tiny CLIP")
+
+
+def image_folder(root, images, labels) -> str:
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / DIGIT_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return f"imagefolder:{root}"
+
+
+def test_zeroshot_reports_the_probes_next_to_zero_shot(tiny_run, tmp_path, monkeypatch):
+    checkpoint, config, loaded = tiny_run
+    monkeypatch.setattr(commands, "load_model", lambda *args, **kwargs: loaded)
+    # a shorter sweep than the command's (the sweep is tested above; this tests the wiring)
+    probe = partial(linear_probe, coarse=(-2, 0, 2), refine_steps=1)
+    monkeypatch.setattr(evaluate, "linear_probe", probe)
+    images, labels = load_digit_images(32)
+    train = image_folder(tmp_path / "train", images[:120], labels[:120])
+    test = image_folder(tmp_path / "test", images[120:170], labels[120:170])
+    out = tmp_path / "report"
+    argv = [
+        "--checkpoint", str(checkpoint), "--config", str(config), "--data", test,
+        "--linear-probe", train, "--knn", "3", "--knn-shots", "5", "--out", str(out),
+        "--examples", "0", "--num-workers", "0", "--no-progress",
+    ]  # fmt: skip
+    assert zeroshot_main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["linear_probe"]["n_test"] == metrics["zeroshot"]["n_samples"] == 50
+
+    # by hand: the features of both folders, the probes applied to them
+    features = {
+        name: embed_labelled_images(loaded, eval_loader(data, loaded, num_workers=0))
+        for name, data in (("train", train), ("test", test))
+    }
+    result = probe(features["train"], features["test"], 10)
+    assert metrics["linear_probe"] == result.to_dict()
+    assert metrics["linear_probe"]["n_train"] + metrics["linear_probe"]["n_val"] == 120
+    knn = knn_probe(features["train"], features["test"], 3, 10, shots=5)
+    assert metrics["knn"] == {**knn.to_dict(), "shots_per_class": 5}
+    assert metrics["knn"]["n_train"] == 50
+    summary = (out / "summary.md").read_text()
+    assert "## Zero-shot, linear probe and k-NN" in summary
+    for method in ("| zero-shot |", "| linear probe (C=", "| 3-NN (5 a class) |"):
+        assert method in summary
+    assert "logistic regression" in summary and "**linear probe data**" in summary
+
+
+def test_probe_arguments_are_checked(tiny_run, tmp_path, capsys, monkeypatch):
+    checkpoint, config, loaded = tiny_run
+    monkeypatch.setattr(commands, "load_model", lambda *args, **kwargs: loaded)
+    images, labels = load_digit_images(32)
+    test = image_folder(tmp_path / "test", images[:20], labels[:20])
+    base = ["--checkpoint", str(checkpoint), "--data", test, "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit):
+        zeroshot_main([*base, "--knn", "3"])
+    assert "--linear-probe TRAIN_DATA" in capsys.readouterr().err
+    other = tmp_path / "other"  # a training tree of other class names
+    for name in ("cat", "dog"):
+        (other / name).mkdir(parents=True)
+        Image.fromarray(images[0]).save(other / name / "0.png")
+    assert zeroshot_main([*base, "--linear-probe", f"imagefolder:{other}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the data imagefolder:" in err and "'cat'" in err
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trained_digits_clip")  # one worker trains the shared CLIP
+def test_linear_probe_of_the_trained_digits_clip_beats_its_zero_shot(
+    trained_digits_clip, demo_shards, tmp_path
+):
+    _, checkpoint = trained_digits_clip
+    out = tmp_path / "report"
+    argv = [
+        "--checkpoint", str(checkpoint), "--config", str(CONFIGS / "clip/digits.yaml"),
+        "--data", str(demo_shards / "test"), "--classes", "digits",
+        "--linear-probe", str(demo_shards / "train"), "--knn", "10",
+        "--out", str(out), "--examples", "0", "--num-workers", "0", "--no-progress",
+    ]  # fmt: skip
+    assert zeroshot_main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    zeroshot, probe = metrics["zeroshot"]["top1"], metrics["linear_probe"]["top1"]
+    print(f"zero-shot {zeroshot:.3f}, linear probe {probe:.3f}, 10-NN {metrics['knn']['top1']:.3f}")
+    assert probe >= zeroshot, (probe, zeroshot)
