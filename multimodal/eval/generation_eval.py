@@ -264,6 +264,6 @@ def best_and_worst(scores: Sequence[float], n: int) -> tuple[list[int], list[int
     rest (worst first); ties in data order."""
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     best = order[:n]
-    rest = [i for i in order[n:]]
+    rest = order[n:]
     worst = sorted(rest, key=lambda i: (scores[i], i))[:n]
     return best, worst
