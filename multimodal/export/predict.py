@@ -253,3 +253,19 @@ class PredictionWriter(BasePredictionWriter):
             print(f"predictions: {files} in {folder}", flush=True)
         trainer.strategy.barrier("predictions_merged")
         self._keys, self._arrays, self._records = [], {}, []
+
+
+def ensure_writer(trainer: Trainer, out_dir: str | os.PathLike | None = None) -> PredictionWriter:
+    """The Trainer's `PredictionWriter` (`multimodal predict`): the one configured with
+    `--trainer.callbacks`, its folder replaced by `out_dir` when given, else a new one writing
+    to `out_dir` (default: the run folder's `predictions/`) added to the callbacks."""
+    writers = [c for c in trainer.callbacks if isinstance(c, PredictionWriter)]
+    if len(writers) > 1:
+        raise ValueError(f"{len(writers)} PredictionWriter callbacks are configured; keep one")
+    if writers:
+        if out_dir is not None:
+            writers[0].out_dir = Path(out_dir)
+        return writers[0]
+    writer = PredictionWriter(out_dir)
+    trainer.callbacks.append(writer)
+    return writer

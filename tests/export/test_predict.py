@@ -27,6 +27,7 @@ from multimodal.eval.loading import instantiate_model_and_data
 from multimodal.export.predict import (
     JSONL,
     PredictionWriter,
+    ensure_writer,
     merge_parts,
     split_rows,
     write_part,
@@ -499,6 +500,17 @@ def test_merge_concatenates_the_parts_in_rank_order_and_removes_a_previous_runs_
     merge_parts(tmp_path, 2)
     assert not (tmp_path / JSONL).exists()  # the first run's, not written again
     assert read_keys(tmp_path) == ["d", "e"]
+
+
+def test_ensure_writer_adds_one_or_points_the_configured_one_at_the_out_folder(tmp_path):
+    trainer = quiet_trainer(default_root_dir=str(tmp_path))
+    writer = ensure_writer(trainer)
+    assert writer in trainer.callbacks and writer.folder(trainer) == tmp_path / "predictions"
+    configured = PredictionWriter(tmp_path / "configured")
+    trainer = quiet_trainer(callbacks=[configured])
+    assert ensure_writer(trainer, tmp_path / "given") is configured
+    assert configured.folder(trainer) == tmp_path / "given"
+    assert sum(isinstance(c, PredictionWriter) for c in trainer.callbacks) == 1
 
 
 def test_an_image_folder_without_images_and_a_text_module_without_prompts_are_refused(
