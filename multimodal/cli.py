@@ -83,6 +83,27 @@ def retrieval(args: list[str]) -> int:
     return retrieval_main(args)
 
 
+def caption_eval(args: list[str]) -> int:
+    """`multimodal caption-eval ...`: a captioner checkpoint's captions scored on references."""
+    from multimodal.eval.caption_eval import caption_eval_main
+
+    return caption_eval_main(args)
+
+
+def vqa_eval(args: list[str]) -> int:
+    """`multimodal vqa-eval ...`: VQA accuracy of a checkpoint by question and answer type."""
+    from multimodal.eval.vqa_eval import vqa_eval_main
+
+    return vqa_eval_main(args)
+
+
+def attention(args: list[str]) -> int:
+    """`multimodal attention ...`: attention rollout and cross-attention overlays of images."""
+    from multimodal.inspect.commands import main as attention_main
+
+    return attention_main(args)
+
+
 def export(args: list[str]) -> int:
     """`multimodal export ...`: a checkpoint's embedding towers to ONNX or torch.export."""
     from multimodal.export.commands import export_main
@@ -112,6 +133,11 @@ COMMANDS: dict[str, Command] = {
     ),
     "zeroshot": Command("zero-shot classification report of a checkpoint on shards", zeroshot),
     "retrieval": Command("image-text retrieval report of a checkpoint on shards", retrieval),
+    "caption-eval": Command(
+        "captioning report of a checkpoint: BLEU, ROUGE-L, CIDEr-D, examples", caption_eval
+    ),
+    "vqa-eval": Command("VQA accuracy report of a checkpoint by question/answer type", vqa_eval),
+    "attention": Command("attention maps of a checkpoint over images: overlays, HTML", attention),
     "export": Command("export a checkpoint's image/text embedding to ONNX or .pt2", export),
     "quantize": Command("int8 CPU model of a checkpoint, with zero-shot before/after", quantize),
     "estimate": Command(
@@ -121,7 +147,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def _epilog() -> str:
-    lines = [f"  {name:<10} {command.help}" for name, command in COMMANDS.items()]
+    lines = [f"  {name:<13} {command.help}" for name, command in COMMANDS.items()]
     return "platform commands (run `multimodal COMMAND --help`):\n" + "\n".join(lines)
 
 
