@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from webdataset.tariterators import base_plus_ext
 
 from multimodal.data.answers import normalize_answer  # the form answers are counted in
 from multimodal.data.pipeline import (
+    STREAM,
     Batch,
     ShardLoader,
     ShardPipelineConfig,
@@ -514,8 +515,29 @@ class _ShardDataModule(LightningDataModule):
             expand_urls(source.urls)  # a missing shard fails here, not in a worker
         map_sample, collate = self.predict_parts()
         dataset = build_pipeline(self.predict_config, map_sample, collate=collate)
-        loader = ShardLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        loader = PredictShardLoader(
+            dataset, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
         return Unwrapped(loader)
+
+
+class PredictShardLoader(ShardLoader):
+    """A ShardLoader whose dict batches carry `order`: [the DataLoader worker that made the
+    batch, its number among that worker's batches]. A rank's workers read contiguous runs of
+    whole batches in worker order (`multimodal.data.stream_plan`) and the DataLoader hands
+    their batches out in turn, so sorting a rank's items by `order` gives back the order of
+    the data (what the prediction writer does)."""
+
+    def _batches(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        return super()._batches(self._tagged(batches))
+
+    @staticmethod
+    def _tagged(batches: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in batches:
+            if isinstance(batch, dict):  # before ShardLoader takes the stream entry out
+                stream = batch.get(STREAM, {})
+                batch["order"] = [int(stream.get("worker", 0)), int(stream.get("batches", 0))]
+            yield batch
 
 
 @dataclass

@@ -16,7 +16,10 @@ Under DDP each rank writes `.parts/part-rank<r>.npz` and `.parts/part-rank<r>.js
 (atomically: a temporary name, then `os.replace`), all ranks meet at a barrier, and rank 0
 concatenates the parts in rank order, which is the order of the data: the predict loaders give
 each rank a contiguous run of it (`multimodal.data.stream_plan`), so the merged files equal a
-one-process run's. Lightning's progress bar shows the batches as they are predicted.
+one-process run's. Shard batches read by several DataLoader workers arrive in turn from each
+worker; their `order` entry (`multimodal.data.shards_datamodules.PredictShardLoader`) puts a
+rank's rows back in the order of the data before its part is written. Lightning's progress
+bar shows the batches as they are predicted.
 """
 
 from __future__ import annotations
@@ -200,6 +203,7 @@ class PredictionWriter(BasePredictionWriter):
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.written: dict[str, int] = {}
         self._keys: list[str] = []
+        self._order: list[tuple[int, ...] | None] = []
         self._arrays: dict[str, list[np.ndarray]] = {}
         self._records: list[dict[str, Any]] = []
 
@@ -216,6 +220,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._keys, self._arrays, self._records, self.written = [], {}, [], {}
+        self._order: list[tuple[int, ...] | None] = []  # each row's place in the data order
 
     def write_on_batch_end(
         self,
@@ -233,6 +238,8 @@ class PredictionWriter(BasePredictionWriter):
                 f"predicted arrays {sorted(arrays)} differ from the first batches' "
                 f"{sorted(self._arrays)}"
             )
+        order = batch.get("order") if isinstance(batch, dict) else None
+        self._order += [None if order is None else (*order, i) for i in range(len(keys))]
         self._keys += keys
         for name, array in arrays.items():
             self._arrays.setdefault(name, []).append(array)
@@ -244,15 +251,21 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero and parts.exists():
             shutil.rmtree(parts)  # a previous run's parts (maybe of more ranks)
         trainer.strategy.barrier("prediction_parts_clean")
+        keys, records = self._keys, self._records
         arrays = {name: np.concatenate(chunks) for name, chunks in self._arrays.items()}
-        write_part(folder, trainer.global_rank, self._keys, arrays, self._records)
+        if self._order and None not in self._order:  # shard batches of several workers
+            rows = sorted(range(len(keys)), key=self._order.__getitem__)
+            keys = [keys[i] for i in rows]
+            arrays = {name: array[rows] for name, array in arrays.items()}
+            records = [records[i] for i in rows] if records else records
+        write_part(folder, trainer.global_rank, keys, arrays, records)
         trainer.strategy.barrier("prediction_parts_written")
         if trainer.is_global_zero:
             self.written = merge_parts(folder, trainer.world_size)
             files = ", ".join(f"{name} ({n} rows)" for name, n in self.written.items())
             print(f"predictions: {files} in {folder}", flush=True)
         trainer.strategy.barrier("predictions_merged")
-        self._keys, self._arrays, self._records = [], {}, []
+        self._keys, self._arrays, self._records, self._order = [], {}, [], []
 
 
 def ensure_writer(trainer: Trainer, out_dir: str | os.PathLike | None = None) -> PredictionWriter:

@@ -210,7 +210,9 @@ def clip_run(inputs):
     task, datamodule, config = tiny(
         folder, "clip", image_text_data(inputs), config="clip/digits.yaml"
     )
+    datamodule.num_workers = 2  # batches arrive from the workers in turn: sorted back
     shards = predict(task, datamodule, folder / "shards")
+    datamodule.num_workers = 0
     datamodule.predict_images = str(inputs["images"])
     images = predict(task, datamodule, folder / "images")
     datamodule.predict_images = None
@@ -408,11 +410,12 @@ def test_text_classifier_rows_of_a_prompt_file_equal_softmax(inputs, tmp_path):
 
 
 def test_two_ddp_processes_write_what_one_process_writes(clip_run, caption_run, inputs, tmp_path):
-    """One DDP launch predicts the CLIP's shards (ranks of 6 and 5 samples) and images (3
-    and 2) and the captioner's images; the merged files equal the 1-process ones."""
+    """One DDP launch predicts the CLIP's shards (ranks of 6 and 5 samples, 2 workers each)
+    and images (3 and 2) and the captioner's images; the merged files equal the 1-process
+    ones."""
     runs, specs = [], []
     for name, run, data, reference in (
-        ("clip_shards", clip_run, {}, clip_run["outs"][0]),
+        ("clip_shards", clip_run, {"num_workers": 2}, clip_run["outs"][0]),
         ("clip_images", clip_run, {"predict_images": str(inputs["images"])}, clip_run["outs"][1]),
         ("caption", caption_run, {}, caption_run["out"]),
     ):
