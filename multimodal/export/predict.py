@@ -217,6 +217,9 @@ class PredictionWriter(BasePredictionWriter):
         # rows carry their keys: the batch indices Lightning cannot read from a shard loader
         # are not needed (`multimodal.data.predict_inputs.Unwrapped`)
         warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+        if stage == "predict":
+            # a rank may have no item (fewer items than ranks): it writes an empty part
+            pl_module.allow_zero_length_dataloader_with_multiple_devices = True
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._keys, self._arrays, self._records, self.written = [], {}, [], {}
@@ -245,7 +248,15 @@ class PredictionWriter(BasePredictionWriter):
             self._arrays.setdefault(name, []).append(array)
         self._records += records
 
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # not on_predict_epoch_end: Lightning skips the loop, and its epoch hooks, on a rank
+        # whose loader has no batch (fewer items than ranks), which would leave the other
+        # ranks waiting at the barriers
+        if stage == "predict":
+            self.write(trainer)
+
+    def write(self, trainer: Trainer) -> None:
+        """Write this rank's part, wait for every rank's, merge them on rank 0."""
         folder = self.folder(trainer)
         parts = folder / PARTS
         if trainer.is_global_zero and parts.exists():

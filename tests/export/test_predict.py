@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     for i in range(N_IMAGES):
         noise().save(images / ("sub" if i % 2 else "") / f"im{i}.png")
     (images / "notes.txt").write_text("not an image")
+    (root / "one_image").mkdir()
+    shutil.copy(images / "im0.png", root / "one_image")
     (root / "prompts.txt").write_text(PROMPTS)
     corpus = root / "corpus.txt"
     corpus.write_text("the cat sat on the mat\na dog ran in the park\nthe bird sang\n" * 20)
@@ -90,6 +93,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return {
         "shards": root / "shards" / "val",
         "images": images,
+        "one_image": root / "one_image",
         "prompts": root / "prompts.txt",
         "corpus": corpus,
         "wordpiece": root / "wordpiece",
@@ -412,12 +416,13 @@ def test_text_classifier_rows_of_a_prompt_file_equal_softmax(inputs, tmp_path):
 def test_two_ddp_processes_write_what_one_process_writes(clip_run, caption_run, inputs, tmp_path):
     """One DDP launch predicts the CLIP's shards (ranks of 6 and 5 samples, 2 workers each)
     and images (3 and 2) and the captioner's images; the merged files equal the 1-process
-    ones."""
+    ones. A folder of one image leaves rank 1 without a batch."""
     runs, specs = [], []
     for name, run, data, reference in (
         ("clip_shards", clip_run, {"num_workers": 2}, clip_run["outs"][0]),
         ("clip_images", clip_run, {"predict_images": str(inputs["images"])}, clip_run["outs"][1]),
         ("caption", caption_run, {}, caption_run["out"]),
+        ("clip_one_image", clip_run, {"predict_images": str(inputs["one_image"])}, None),
     ):
         weights, out = tmp_path / f"{name}.pt", tmp_path / name
         torch.save(run["task"].state_dict(), weights)
@@ -436,6 +441,13 @@ def test_two_ddp_processes_write_what_one_process_writes(clip_run, caption_run, 
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    one = runs.pop()[1]  # rank 1 had nothing to predict
+    assert read_keys(one) == ["im0.png"]
+    np.testing.assert_allclose(
+        np.load(one / "image_embeddings.npy"),
+        np.load(clip_run["outs"][1] / "image_embeddings.npy")[:1],
+        atol=1e-5,
+    )
     for reference, out in runs:
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
         for path in reference.iterdir():
