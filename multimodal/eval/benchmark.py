@@ -1,0 +1,1130 @@
+"""`multimodal benchmark`: every (model, dataset, task) cell of an evaluation suite, one
+comparison report, and a `results.jsonl` in CLIP_benchmark's record shape.
+
+    multimodal benchmark --models a.ckpt b.ckpt --open-clip ViT-B-32:FILE \\
+        --tasks suite.yaml --out DIR [--compare A B]
+
+The suite YAML lists task entries, each naming its dataset (a data spec as `multimodal
+zeroshot --data` takes it, `multimodal.eval.datasets`) and one task:
+
+    tasks:
+      - {dataset: shards:data/digits/test, name: digits, task: zeroshot}
+      - {dataset: shards:data/digits/test, name: digits, task: retrieval, captions: all}
+      - {dataset: "imagefolder:scans", task: zeroshot, classes: digits, templates: digits}
+      - {dataset: csv:test.csv, task: linear_probe, train: csv:train.csv}
+      - {dataset: csv:test.csv, task: knn, train: csv:train.csv, k: 5, shots: 4}
+
+Cells run the evaluation code of `multimodal zeroshot` and `multimodal retrieval`: the same
+loaders (`eval_loader`), embedding functions (`embed_images_and_captions`,
+`embed_labelled_images`), zero-shot classifier and metrics (`zeroshot_classifier`,
+`ZeroShotMetrics`), retrieval metrics (`retrieval_metrics`) and probes (`linear_probe`,
+`knn_probe`), so a cell's numbers are those of the single command. Embeddings are cached per
+(model, dataset) under DIR/cache (`multimodal.eval.embedding_cache`); each finished cell is
+appended to DIR/results.jsonl (rewritten atomically), so a rerun computes only the cells that
+are not there yet: a new model's, or those an interrupted run did not reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import io
+import json
+import math
+import os
+import sys
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from multimodal.checkpoint_check import check_torch_file
+from multimodal.eval import class_names as names
+from multimodal.eval import plots
+from multimodal.eval.commands import (
+    Data,
+    check_class_names,
+    data_classes,
+    matching_templates,
+    open_data,
+)
+from multimodal.eval.datasets import EXPECTED_SPEC, DatasetSpec, parse_spec
+from multimodal.eval.embedding_cache import (
+    EmbeddingCache,
+    Embeddings,
+    data_fingerprint,
+    file_sha256,
+    model_fingerprint,
+    text_sha256,
+)
+from multimodal.eval.evaluate import (
+    CAPTIONS,
+    RECALL_KS,
+    EvalLoader,
+    embed_images_and_captions,
+    embed_labelled_images,
+    eval_loader,
+)
+from multimodal.eval.linear_probe import knn_probe, linear_probe
+from multimodal.eval.loading import LoadedModel, load_model
+from multimodal.eval.report import Marked, Plot, Report, Section, Table, Text, write_report
+from multimodal.eval.retrieval import retrieval_metrics
+from multimodal.eval.zeroshot import (
+    PRECISIONS,
+    ZeroShotMetrics,
+    model_device,
+    zeroshot_classifier,
+    zeroshot_logits,
+)
+
+RESULTS_FILE = "results.jsonl"
+CACHE_DIR = "cache"
+SUITE_TASKS = ("zeroshot", "retrieval", "linear_probe", "knn")
+# the task names of CLIP_benchmark's records (knn has none there: it keeps ours)
+BENCHMARK_TASK = {
+    "zeroshot": "zeroshot_classification",
+    "retrieval": "zeroshot_retrieval",
+    "linear_probe": "linear_probe",
+    "knn": "knn",
+}
+LANGUAGE = "en"  # the built-in templates are English
+TASK_FIELDS = {
+    "zeroshot": {"classes", "templates"},
+    "retrieval": {"captions", "max_memory_mib"},
+    "linear_probe": {"train", "seed"},
+    "knn": {"train", "k", "shots", "seed"},
+}
+COMMON_FIELDS = {"dataset", "name", "task"}
+
+# --------------------------------------------------------------------------- the suite file
+
+
+def _spec_name(spec: DatasetSpec) -> str:
+    if spec.kind == "torchvision":
+        return f"{spec.dataset}-{spec.split}".lower()
+    path = Path(spec.path.rstrip("/"))
+    name = path.stem if spec.kind in ("csv", "jsonl") else path.name
+    return name or str(spec)
+
+
+@dataclass
+class SuiteTask:
+    """One task entry of a suite: a dataset and what to run on it; validated on creation
+    (a ValueError names the bad field).
+
+    Args:
+        dataset: a data spec (string or dict form, `multimodal.eval.datasets`).
+        task: one of `SUITE_TASKS`.
+        name: the dataset's name in results and report (default: from the spec).
+        classes, templates: zero-shot class names and prompts (built-in names or files;
+            default: the data's class names and the matching built-in templates).
+        captions: retrieval captions, "all" or "txt".
+        max_memory_mib: retrieval's memory for one block of the similarity matrix.
+        train: the labelled training data of linear_probe / knn (a data spec).
+        k, shots: knn's neighbours and training images a class (None: all).
+        seed: the probes' validation split and few-shot draw.
+    """
+
+    dataset: str | dict[str, Any]
+    task: str
+    name: str | None = None
+    classes: str | None = None
+    templates: str | None = None
+    captions: str = "all"
+    max_memory_mib: int = 512
+    train: str | dict[str, Any] | None = None
+    k: int = 5
+    shots: int | None = None
+    seed: int = 0
+    spec: DatasetSpec = field(init=False, repr=False)
+    train_spec: DatasetSpec | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.task not in SUITE_TASKS:
+            raise ValueError(f"task: {self.task!r} must be one of {list(SUITE_TASKS)}")
+        try:
+            self.spec = parse_spec(self.dataset)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"dataset: {error} (expected {EXPECTED_SPEC})") from None
+        if self.name is None:
+            self.name = _spec_name(self.spec)
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"name: {self.name!r} must be a non-empty string")
+        for key in ("classes", "templates"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{key}: {value!r} must be a built-in name or a file path")
+        if self.captions not in CAPTIONS:
+            raise ValueError(f"captions: {self.captions!r} must be one of {list(CAPTIONS)}")
+        for key in ("max_memory_mib", "k"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}: {value!r} must be an int >= 1")
+        if self.shots is not None and (
+            isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1
+        ):
+            raise ValueError(f"shots: {self.shots!r} must be an int >= 1 or null (all)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed: {self.seed!r} must be an int")
+        if self.task in ("linear_probe", "knn"):
+            if self.train is None:
+                raise ValueError(f"train: task {self.task} needs labelled training data (a spec)")
+            try:
+                self.train_spec = parse_spec(self.train)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"train: {error} (expected {EXPECTED_SPEC})") from None
+
+    @classmethod
+    def from_dict(cls, value: Any) -> SuiteTask:
+        """An entry from its YAML mapping; unknown fields and fields of another task are
+        refused by name."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a mapping with dataset and task, got {value!r}")
+        for required in ("dataset", "task"):
+            if required not in value:
+                raise ValueError(f"{required}: missing")
+        task = value["task"]
+        allowed = COMMON_FIELDS | TASK_FIELDS.get(task, set())
+        for key in value:
+            if key not in allowed:
+                raise ValueError(f"{key}: not a field of task {task!r} (fields: {sorted(allowed)})")
+        return cls(**dict(value))
+
+    def options(self) -> dict[str, Any]:
+        """The fields that shape this task's result (for its cell identity)."""
+        keep = COMMON_FIELDS | TASK_FIELDS[self.task]
+        out = {k: v for k, v in asdict(self).items() if k in keep and k not in ("dataset", "name")}
+        out["dataset"] = str(self.spec)
+        if self.train_spec is not None:
+            out["train"] = str(self.train_spec)
+        return out
+
+
+@dataclass
+class Suite:
+    """The task entries of a suite file; column labels made unique (`name`, then
+    `name: task`, then `name: task #i`)."""
+
+    tasks: list[SuiteTask]
+    labels: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: the suite lists no task")
+        specs: dict[str, str] = {}
+        for i, entry in enumerate(self.tasks):
+            known = specs.setdefault(entry.name, str(entry.spec))
+            if known != str(entry.spec):
+                raise ValueError(
+                    f"tasks[{i}].name: {entry.name!r} already names {known}; give "
+                    f"{entry.spec} another name"
+                )
+        seen: dict[tuple[str, str], int] = {}
+        self.labels = []
+        for entry in self.tasks:
+            count = seen.get((entry.name, entry.task), 0)
+            seen[(entry.name, entry.task)] = count + 1
+            self.labels.append(entry.name if count == 0 else f"{entry.name} #{count + 1}")
+
+
+def load_suite(path: str | os.PathLike) -> Suite:
+    """The suite of a YAML file: `tasks:` a list of `SuiteTask` mappings; ValueError naming
+    the bad entry and field (`tasks[1].dataset: ...`)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
+    try:
+        content = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"suite file {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(content, Mapping) or "tasks" not in content:
+        raise ValueError(
+            f"suite file {str(path)!r}: expected a mapping with a `tasks:` list of entries "
+            "(dataset, task, ...)"
+        )
+    unknown = sorted(set(content) - {"tasks"})
+    if unknown:
+        raise ValueError(f"suite file {str(path)!r}: unknown keys {unknown} (expected tasks)")
+    if not isinstance(content["tasks"], list):
+        raise ValueError(f"tasks: expected a list of entries, got {content['tasks']!r}")
+    entries = []
+    for i, value in enumerate(content["tasks"]):
+        try:
+            entries.append(SuiteTask.from_dict(value))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"tasks[{i}].{error}") from None
+    return Suite(entries)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of the suite: how to load it and how results name it.
+
+    Attributes:
+        label: the name in the report (unique).
+        model, pretrained: CLIP_benchmark's fields (architecture and weights).
+        fingerprint: `model_fingerprint` of the weights (and config).
+    """
+
+    label: str
+    model: str
+    pretrained: str
+    checkpoint: str | None
+    config: str | None
+    open_clip: str | None
+    open_clip_tag: str | None
+    fingerprint: str
+
+    def load(self, device: str) -> LoadedModel:
+        if self.open_clip is None:  # a text file or random bytes: say so before torch reads it
+            check_torch_file(self.checkpoint)
+        return load_model(
+            self.checkpoint,
+            config=self.config,
+            open_clip=self.open_clip,
+            pretrained=self.open_clip_tag,
+            device=device,
+        )
+
+    def meta(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model, "pretrained": self.pretrained}
+        if self.checkpoint is not None:
+            out["checkpoint_sha256"] = file_sha256(self.checkpoint)
+        if self.config is not None:
+            out["config"] = self.config
+        out["fingerprint"] = self.fingerprint
+        return out
+
+
+def _unique(labels: list[str]) -> list[str]:
+    counts: dict[str, int] = {}
+    out = []
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+        out.append(label if counts[label] == 1 else f"{label} #{counts[label]}")
+    return out
+
+
+def model_specs(
+    checkpoints: Sequence[str], configs: Sequence[str] | None, open_clips: Sequence[str]
+) -> list[ModelSpec]:
+    """The models of `--models` (with `--configs` in the same order) and `--open-clip
+    NAME:FILE|TAG`; FileNotFoundError / ValueError naming the bad argument."""
+    if configs and len(configs) != len(checkpoints):
+        raise ValueError(
+            f"--configs: {len(configs)} configs for {len(checkpoints)} --models (one a model, "
+            "in the same order, or none: each run's saved config.yaml)"
+        )
+    found: list[tuple[str, dict[str, Any]]] = []
+    for i, checkpoint in enumerate(checkpoints):
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"--models: checkpoint {checkpoint!r} does not exist")
+        config = configs[i] if configs else None
+        if config is not None and not Path(config).is_file():
+            raise FileNotFoundError(f"--configs: config {config!r} does not exist")
+        fingerprint = model_fingerprint(checkpoint, config=config)
+        found.append(
+            (
+                Path(checkpoint).stem,
+                dict(model=Path(checkpoint).stem, pretrained=str(checkpoint),
+                     checkpoint=str(checkpoint), config=config, open_clip=None,
+                     open_clip_tag=None, fingerprint=fingerprint),
+            )
+        )  # fmt: skip
+    for value in open_clips:
+        name, sep, weights = value.partition(":")
+        if not sep or not name or not weights:
+            raise ValueError(
+                f"--open-clip {value!r}: expected NAME:FILE (a local state dict) or NAME:TAG "
+                "(open_clip's pretrained tag, downloaded), e.g. ViT-B-32:vit_b_32.pt"
+            )
+        if Path(weights).is_file():
+            fingerprint = model_fingerprint(weights, open_clip=name)
+            found.append(
+                (
+                    f"{name} ({Path(weights).stem})",
+                    dict(model=name, pretrained=weights, checkpoint=weights, config=None,
+                         open_clip=name, open_clip_tag=None, fingerprint=fingerprint),
+                )
+            )  # fmt: skip
+        else:
+            fingerprint = model_fingerprint(None, open_clip=name, pretrained=weights)
+            found.append(
+                (
+                    f"{name} ({weights})",
+                    dict(model=name, pretrained=weights, checkpoint=None, config=None,
+                         open_clip=name, open_clip_tag=weights, fingerprint=fingerprint),
+                )
+            )  # fmt: skip
+    if not found:
+        raise ValueError("no models: pass --models CKPT ... and/or --open-clip NAME:FILE ...")
+    labels = _unique([label for label, _ in found])
+    return [ModelSpec(label=label, **kw) for label, (_, kw) in zip(labels, found, strict=True)]
+
+
+# --------------------------------------------------------------------------- results.jsonl
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of results.jsonl ([] when absent); a line that is not a JSON object is an
+    error naming the line."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON record ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object")
+        records.append(record)
+    return records
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.generic, Tensor)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    """results.jsonl with `record` appended, written to a temporary file and os.replace'd:
+    an interruption leaves the previous complete file."""
+    old = path.read_bytes() if path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(old + line.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass
+class Cell:
+    """One (model, task entry) of the suite and its identity in results.jsonl."""
+
+    model: ModelSpec
+    entry: SuiteTask
+    label: str  # the entry's column label
+    key: str
+
+
+@dataclass
+class DataSource:
+    """A dataset of the suite, opened once: its samples (or shard URLs) and fingerprint."""
+
+    spec: DatasetSpec
+    data: Data
+    fingerprint: str
+    captions: str | None = None  # embed captions too (mode): a retrieval task reads them
+
+
+class _Recorder:
+    """Iterates a loader, recording each batch's keys and labels (and keeping its length)."""
+
+    def __init__(self, loader: EvalLoader) -> None:
+        self.loader = loader
+        self.keys: list[str] = []
+        self.labels: list[Tensor] = []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.keys.extend(batch["keys"])
+            self.labels.append(batch["labels"].cpu())
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+@dataclass
+class RunOptions:
+    batch_size: int = 256
+    num_workers: int = 2
+    precision: str = "fp32"
+    device: str = "cpu"
+    progress: bool = True
+
+
+def embed_source(
+    loaded: LoadedModel, source: DataSource, captions: str | None, options: RunOptions
+) -> Embeddings:
+    """A model's embeddings of one dataset with the evaluation commands' loader and embedding
+    functions: images and labels (`embed_labelled_images`), plus captions when `captions` is
+    a caption mode (`embed_images_and_captions`)."""
+    loader = eval_loader(
+        source.data, loaded, batch_size=options.batch_size, num_workers=options.num_workers
+    )
+    recorder = _Recorder(loader)
+    if captions is None:
+        features, labels = embed_labelled_images(
+            loaded, recorder, precision=options.precision, progress=options.progress
+        )
+        embeddings = Embeddings(features.cpu(), labels.cpu(), recorder.keys)
+    else:
+        features, text_features, text_image, keys, texts = embed_images_and_captions(
+            loaded, recorder, captions=captions, precision=options.precision,
+            batch_size=options.batch_size, progress=options.progress,
+        )  # fmt: skip
+        embeddings = Embeddings(
+            features.cpu(), torch.cat(recorder.labels), keys, captions=captions, texts=texts,
+            text_features=text_features.cpu(), text_image=text_image.cpu(),
+        )  # fmt: skip
+    embeddings.skipped = loader.skip_counter.report(str(source.spec))
+    return embeddings
+
+
+class Embedder:
+    """A model's embeddings of the suite's datasets: from memory, the disk cache, or computed
+    (and cached); counts computed and cached ones."""
+
+    def __init__(
+        self, model: ModelSpec, loaded: LoadedModel, cache: EmbeddingCache, options: RunOptions
+    ) -> None:
+        self.model = model
+        self.loaded = loaded
+        self.cache = cache
+        self.options = options
+        self.memory: dict[tuple[str, str | None], Embeddings] = {}
+        self.computed = 0
+        self.cached = 0
+
+    def get(self, source: DataSource, captions: str | None = None) -> Embeddings:
+        """Embeddings of `source` with a text side of mode `captions` (default: the mode its
+        retrieval tasks read, so that one pass serves every task; None: any cached embeddings
+        serve, else images only)."""
+        captions = captions or source.captions
+        modes = [captions] if captions is not None else [None, *CAPTIONS]
+        for mode in modes:
+            found = self.memory.get((source.fingerprint, mode))
+            if found is not None:
+                return found
+        for mode in modes:
+            found = self.cache.load(self.model.fingerprint, source.fingerprint, self._tag(mode))
+            if found is not None:
+                self.cached += 1
+                self.memory[(source.fingerprint, mode)] = found
+                return found
+        embeddings = embed_source(self.loaded, source, captions, self.options)
+        self.cache.save(self.model.fingerprint, source.fingerprint, self._tag(captions), embeddings)
+        self.computed += 1
+        self.memory[(source.fingerprint, captions)] = embeddings
+        return embeddings
+
+    def _tag(self, captions: str | None) -> str:
+        what = "images" if captions is None else f"captions-{captions}"
+        return f"{self.options.precision}-{what}"
+
+
+def resolve_classes(entry: SuiteTask, data: Data) -> tuple[tuple[str, ...], str]:
+    """(class names, templates name or file) of a zero-shot entry, as `multimodal zeroshot`
+    resolves --classes / --templates: given names checked against the data, else the data's
+    own names with the templates of the built-in list holding them."""
+    if entry.classes is not None:
+        classes = names.class_names(entry.classes)
+        check_class_names(classes, f"classes {entry.classes}", data)
+        templates = entry.templates
+        if templates is None:
+            if entry.classes not in names.BUILTIN_TEMPLATES:
+                raise ValueError(
+                    f"classes {entry.classes} has no templates of its own: set templates"
+                )
+            templates = entry.classes
+        return classes, templates
+    classes = data_classes(data, str(entry.spec))
+    templates = entry.templates or matching_templates(classes)
+    if templates is None:
+        raise ValueError(
+            f"the class names of {entry.spec} ({', '.join(classes[:3])}, ...) are no built-in "
+            "list's: set templates"
+        )
+    return classes, templates
+
+
+def zeroshot_metrics(
+    embedder: Embedder, source: DataSource, entry: SuiteTask
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(CLIP_benchmark metrics, details) of a zero-shot cell: the classifier of
+    `zeroshot_classifier` (cached) and `ZeroShotMetrics` over the cached image features in
+    the loader's batches, as `zeroshot_evaluate` runs them."""
+    classes, templates_name = resolve_classes(entry, source.data)
+    prompts = [list(p) for p in names.render_prompts(classes, names.templates(templates_name))]
+    loaded, options = embedder.loaded, embedder.options
+    classifier = embedder.cache.load_classifier(
+        embedder.model.fingerprint, prompts, options.precision
+    )
+    if classifier is None:
+        device = model_device(loaded.model)
+        dtype = PRECISIONS[options.precision]
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            classifier = zeroshot_classifier(
+                loaded.model, loaded.tokenizer, prompts, context_length=loaded.context_length,
+                batch_size=options.batch_size, device=device,
+            ).cpu()  # fmt: skip
+        embedder.cache.save_classifier(
+            embedder.model.fingerprint, prompts, options.precision, classifier
+        )
+    embeddings = embedder.get(source)
+    counter = ZeroShotMetrics(len(classes))
+    features, labels = embeddings.image_features, embeddings.labels
+    for start in range(0, len(labels), options.batch_size):
+        stop = start + options.batch_size
+        counter.update(zeroshot_logits(features[start:stop], classifier), labels[start:stop])
+    result = counter.compute(classes)
+    metrics = {
+        "acc1": result.top1,
+        "acc5": result.top5,
+        "mean_per_class_recall": result.mean_per_class_recall,
+        "n_samples": result.n_samples,
+        "n_classes": len(classes),
+    }
+    details = {
+        "templates": templates_name,
+        "per_class_accuracy": result.to_dict()["per_class_accuracy"],
+        **({"skipped": embeddings.skipped} if embeddings.skipped else {}),
+    }
+    return metrics, details
+
+
+def retrieval_cell_metrics(
+    embedder: Embedder, source: DataSource, entry: SuiteTask
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(CLIP_benchmark metrics, details) of a retrieval cell: `retrieval_metrics` of the
+    cached features, as `run_retrieval` computes it. image_retrieval = text -> image."""
+    embeddings = embedder.get(source, entry.captions)
+    result = retrieval_metrics(
+        embeddings.image_features, embeddings.text_features, embeddings.text_image,
+        ks=RECALL_KS, max_memory_bytes=entry.max_memory_mib * 2**20,
+    )  # fmt: skip
+    metrics: dict[str, Any] = {}
+    for k in RECALL_KS:
+        metrics[f"image_retrieval_recall@{k}"] = result.text_to_image.recall[k]
+        metrics[f"text_retrieval_recall@{k}"] = result.image_to_text.recall[k]
+    metrics["image_retrieval_mean_rank"] = result.text_to_image.mean_rank
+    metrics["text_retrieval_mean_rank"] = result.image_to_text.mean_rank
+    metrics["n_images"] = len(embeddings.image_features)
+    metrics["n_texts"] = len(embeddings.text_features)
+    details = {"captions": entry.captions, "ours": result.to_dict()}
+    if embeddings.skipped:
+        details["skipped"] = embeddings.skipped
+    return metrics, details
+
+
+def _n_classes(*labels: Tensor) -> int:
+    return int(max(int(x.max()) for x in labels)) + 1
+
+
+def probe_metrics(
+    embedder: Embedder, source: DataSource, train: DataSource, entry: SuiteTask
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, details) of a linear_probe (`linear_probe`) or knn (`knn_probe`) cell on the
+    cached image features of the training and test data."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    test = embedder.get(source)
+    fit = embedder.get(train)
+    pair_train = (fit.image_features, fit.labels)
+    pair_test = (test.image_features, test.labels)
+    n_classes = _n_classes(fit.labels, test.labels)
+    if entry.task == "linear_probe":
+        result = linear_probe(pair_train, pair_test, n_classes, seed=entry.seed)
+        recall = balanced_accuracy_score(test.labels.numpy(), result.predictions.numpy())
+        metrics = {"lp_acc1": result.top1, "lp_mean_per_class_recall": float(recall)}
+        return metrics, result.to_dict()
+    result = knn_probe(
+        pair_train, pair_test, entry.k, n_classes, shots=entry.shots, seed=entry.seed
+    )
+    recall = balanced_accuracy_score(test.labels.numpy(), result.predictions.numpy())
+    return {"acc1": result.top1, "mean_per_class_recall": float(recall)}, result.to_dict()
+
+
+def evaluate_cell(
+    embedder: Embedder, cell: Cell, sources: Mapping[str, DataSource]
+) -> dict[str, Any]:
+    """The results.jsonl record of one cell (CLIP_benchmark's fields first)."""
+    entry = cell.entry
+    source = sources[str(entry.spec)]
+    if entry.task == "zeroshot":
+        metrics, details = zeroshot_metrics(embedder, source, entry)
+    elif entry.task == "retrieval":
+        metrics, details = retrieval_cell_metrics(embedder, source, entry)
+    else:
+        metrics, details = probe_metrics(embedder, source, sources[str(entry.train_spec)], entry)
+    return {
+        "dataset": entry.name,
+        "model": cell.model.model,
+        "pretrained": cell.model.pretrained,
+        "task": BENCHMARK_TASK[entry.task],
+        "metrics": metrics,
+        "language": LANGUAGE,
+        "cell": cell.key,
+        "model_label": cell.model.label,
+        "column": cell.label,
+        "suite_task": entry.task,
+        "data": str(entry.spec),
+        "options": entry.options(),
+        "details": details,
+    }
+
+
+def cell_key(model: ModelSpec, entry: SuiteTask, sources: Mapping[str, DataSource]) -> str:
+    """What identifies a cell's result: model and data fingerprints and the task options."""
+    data = [sources[str(entry.spec)].fingerprint]
+    if entry.train_spec is not None:
+        data.append(sources[str(entry.train_spec)].fingerprint)
+    options = json.dumps(entry.options(), sort_keys=True)
+    return text_sha256(model.fingerprint, *data, options)[:32]
+
+
+# --------------------------------------------------------------------------- the report
+
+HEADLINES = {
+    "zeroshot": [("acc1", "zero-shot top-1")],
+    "retrieval": [
+        ("image_retrieval_recall@5", "text->image R@5"),
+        ("text_retrieval_recall@5", "image->text R@5"),
+    ],
+    "linear_probe": [("lp_acc1", "linear probe top-1")],
+    "knn": [("acc1", "k-NN top-1")],
+}
+DEFINITIONS = {
+    "acc1 (zero-shot top-1)": "share of test images whose most similar class prompt embedding "
+    "(mean of the class's templates) is their class.",
+    "acc5": "share of test images whose class is among the 5 most similar classes.",
+    "mean_per_class_recall": "top-1 accuracy of each class present in the data, averaged over "
+    "classes (balanced accuracy).",
+    "image_retrieval_recall@K (text->image)": "share of captions whose own image is among the K "
+    "images of highest cosine similarity; ties count against the model.",
+    "text_retrieval_recall@K (image->text)": "share of captioned images with one of their own "
+    "captions among the K most similar captions; ties count against the model.",
+    "lp_acc1 (linear probe top-1)": "top-1 of a logistic regression on the frozen, standardised "
+    "image features of the training data, L2 strength chosen on a validation split of it.",
+    "knn acc1 (k-NN top-1)": "top-1 of a majority vote of the k training images of highest "
+    "cosine similarity.",
+    "mean": "the model's headline metric averaged over the datasets of the table.",
+    "✓": "the best model of the column (every model tied with it is marked).",
+}
+
+
+def _best_marked(values: list[float | None]) -> list[Any]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    best = max(finite) if finite else None
+    return [Marked(v, True) if v is not None and v == best else v for v in values]
+
+
+def leaderboard_tables(
+    suite: Suite, models: Sequence[ModelSpec], records: Mapping[tuple[str, int], dict[str, Any]]
+) -> list[Table]:
+    """One table a headline metric: models x task columns (+ the mean), the best of each
+    column marked. `records[(model label, entry index)]` is a cell's record."""
+    tables = []
+    for task, headlines in HEADLINES.items():
+        columns = [i for i, entry in enumerate(suite.tasks) if entry.task == task]
+        if not columns:
+            continue
+        for metric, title in headlines:
+            grid = []
+            for model in models:
+                row = []
+                for i in columns:
+                    record = records.get((model.label, i))
+                    row.append(None if record is None else record["metrics"].get(metric))
+                known = [v for v in row if v is not None]
+                row.append(sum(known) / len(known) if len(known) == len(row) else None)
+                grid.append(row)
+            marked_columns = [_best_marked([row[j] for row in grid]) for j in range(len(grid[0]))]
+            rows = [
+                [model.label] + [marked_columns[j][r] for j in range(len(grid[0]))]
+                for r, model in enumerate(models)
+            ]
+            tables.append(
+                Table(
+                    ["model", *(suite.labels[i] for i in columns), "mean"],
+                    rows,
+                    caption=f"{title} ({metric})",
+                )
+            )
+    return tables
+
+
+def dataset_bar_plot(
+    dataset: str, bars: Mapping[str, Mapping[str, float | None]], models: Sequence[str]
+) -> Plot:
+    """Grouped bars: one group a metric (`bars[metric][model]`), one bar a model."""
+    metrics = list(bars)
+    fig = plots.new_figure(max(4.5, 1.2 + 0.5 * len(models) * len(metrics)), 3.4)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(models))
+    x = np.arange(len(metrics))
+    for m, model in enumerate(models):
+        values = [bars[metric].get(model) for metric in metrics]
+        heights = [np.nan if v is None else v for v in values]
+        positions = x - 0.4 + width * (m + 0.5)
+        ax.bar(positions, heights, width, label=model)
+        for position, value in zip(positions, heights, strict=True):
+            if np.isfinite(value):
+                ax.annotate(f"{value:.2f}", (position, value), textcoords="offset points",
+                            xytext=(0, 2), ha="center", fontsize=7)  # fmt: skip
+    ax.set_xticks(x, metrics)
+    ax.set_ylim(0.0, 1.12)
+    ax.set_ylabel("score")
+    ax.set_title(dataset)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    png = plots.figure_png(fig)
+    with Image.open(io.BytesIO(png)) as image:
+        width_px, height_px = image.size
+    alt = f"{dataset}: {', '.join(metrics)} of {len(models)} models"
+    return Plot(png, width_px, height_px, alt)
+
+
+def dataset_sections(
+    suite: Suite, models: Sequence[ModelSpec], records: Mapping[tuple[str, int], dict[str, Any]]
+) -> list[Section]:
+    """A bar chart a dataset of every headline metric of its tasks by model."""
+    by_dataset: dict[str, dict[str, dict[str, float | None]]] = {}
+    for i, entry in enumerate(suite.tasks):
+        bars = by_dataset.setdefault(entry.name, {})
+        for metric, title in HEADLINES[entry.task]:
+            label = title if suite.labels[i] == entry.name else f"{title} ({suite.labels[i]})"
+            bars[label] = {
+                model.label: records[(model.label, i)]["metrics"].get(metric)
+                for model in models
+                if (model.label, i) in records
+            }
+    sections = []
+    for dataset, bars in by_dataset.items():
+        sections.append(
+            Section(
+                f"Dataset: {dataset}", [dataset_bar_plot(dataset, bars, [m.label for m in models])]
+            )
+        )
+    return sections
+
+
+def delta_sections(
+    suite: Suite,
+    first: ModelSpec,
+    second: ModelSpec,
+    records: Mapping[tuple[str, int], dict[str, Any]],
+) -> list[Section]:
+    """Per-class zero-shot accuracy of two models and its change, largest changes first."""
+    sections = []
+    for i, entry in enumerate(suite.tasks):
+        a, b = records.get((first.label, i)), records.get((second.label, i))
+        if entry.task != "zeroshot" or a is None or b is None:
+            continue
+        per_a = a["details"]["per_class_accuracy"]
+        per_b = b["details"]["per_class_accuracy"]
+        rows = []
+        for name in per_a:
+            va, vb = per_a[name], per_b.get(name)
+            delta = None if va is None or vb is None else vb - va
+            rows.append([name, va, vb, delta])
+        rows.sort(key=lambda row: -abs(row[3]) if row[3] is not None else math.inf)
+        text = (
+            f"Zero-shot accuracy of each class of {suite.labels[i]} with {first.label} (A) and "
+            f"{second.label} (B); delta = B - A, largest changes first; n/a: no image of the class."
+        )
+        sections.append(
+            Section(
+                f"Per-class deltas: {suite.labels[i]}",
+                [
+                    Text(text),
+                    Table(["class", f"A: {first.label}", f"B: {second.label}", "delta"], rows),
+                ],
+            )
+        )
+    return sections
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for package in ("multimodal", "torch", "lightning", "open_clip_torch", "timm", "numpy"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def benchmark_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multimodal benchmark",
+        description=(
+            "Evaluate several models on a suite of datasets and tasks (zero-shot, retrieval, "
+            "linear probe, k-NN): DIR/results.jsonl (CLIP_benchmark's records), a leaderboard "
+            "report (metrics.json, summary.md, report.html) and an embedding cache, so a rerun "
+            "computes only new cells."
+        ),
+    )
+    parser.add_argument("--models", nargs="+", default=[], metavar="CKPT", help="fit checkpoints")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="YAML",
+        help="the fit configs of --models, in the same order (default: each run's config.yaml)",
+    )
+    parser.add_argument(
+        "--open-clip",
+        nargs="+",
+        default=[],
+        metavar="NAME:FILE",
+        help="open_clip models: architecture and a local state dict (or a pretrained tag)",
+    )
+    parser.add_argument("--tasks", required=True, metavar="YAML", help="the suite file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="results and report folder")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="two model labels (or indices from 0) for per-class deltas (default: the first two)",
+    )
+    parser.add_argument("--devices", type=int, default=1, metavar="N", help="processes (1)")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, metavar="N", help="images or texts a batch (256)"
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=2, metavar="N", help="data loader workers (2)"
+    )
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda, cuda:1, cpu... (cuda when available)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+@dataclass
+class BenchmarkRun:
+    """What one run did: cells computed now and read from results.jsonl, embeddings computed
+    and read from the cache, and the records of every cell of the suite."""
+
+    computed: int = 0
+    cached: int = 0
+    embeddings_computed: int = 0
+    embeddings_cached: int = 0
+    records: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+
+def _compare_pair(
+    models: Sequence[ModelSpec], compare: Sequence[str] | None
+) -> tuple[ModelSpec, ModelSpec] | None:
+    if compare is None:
+        return (models[0], models[1]) if len(models) >= 2 else None
+    by_label = {m.label: m for m in models}
+    chosen = []
+    for value in compare:
+        if value in by_label:
+            chosen.append(by_label[value])
+        elif value.isdigit() and int(value) < len(models):
+            chosen.append(models[int(value)])
+        else:
+            raise ValueError(
+                f"--compare {value!r}: not a model of the suite; models: {list(by_label)} "
+                f"(or indices 0..{len(models) - 1})"
+            )
+    return chosen[0], chosen[1]
+
+
+def run_suite(
+    suite: Suite,
+    models: Sequence[ModelSpec],
+    out: Path,
+    options: RunOptions,
+    *,
+    loader: Callable[[ModelSpec, str], LoadedModel] | None = None,
+) -> BenchmarkRun:
+    """Every cell of `models` x `suite`: the records in out/results.jsonl are kept, the
+    others computed (each model loaded once, only if it has a missing cell) and appended."""
+    out.mkdir(parents=True, exist_ok=True)
+    sources: dict[str, DataSource] = {}
+    for entry in suite.tasks:
+        for spec in (entry.spec, entry.train_spec):
+            if spec is not None and str(spec) not in sources:
+                data = open_data(str(spec))
+                sources[str(spec)] = DataSource(spec, data, data_fingerprint(spec, data))
+    for entry in suite.tasks:
+        source = sources[str(entry.spec)]
+        if entry.task == "retrieval" and source.captions is None:
+            source.captions = entry.captions
+    results_path = out / RESULTS_FILE
+    done = {record.get("cell"): record for record in read_results(results_path)}
+    run = BenchmarkRun()
+    pending: list[tuple[int, Cell]] = []
+    for model in models:
+        for i, entry in enumerate(suite.tasks):
+            cell = Cell(model, entry, suite.labels[i], cell_key(model, entry, sources))
+            if cell.key in done:
+                run.records[(model.label, i)] = done[cell.key]
+                run.cached += 1
+            else:
+                pending.append((i, cell))
+    cache = EmbeddingCache(out / CACHE_DIR)
+    load = loader or (lambda spec, device: spec.load(device))
+    embedders: dict[str, Embedder] = {}
+    with tqdm(total=len(pending), disable=not options.progress, desc="cells", unit="cell") as bar:
+        for i, cell in pending:
+            embedder = embedders.get(cell.model.label)
+            if embedder is None:
+                embedders.clear()  # one model in memory at a time
+                loaded = load(cell.model, options.device)
+                embedder = embedders[cell.model.label] = Embedder(
+                    cell.model, loaded, cache, options
+                )
+            record = evaluate_cell(embedder, cell, sources)
+            append_result(results_path, record)
+            run.records[(cell.model.label, i)] = record
+            run.computed += 1
+            run.embeddings_computed += embedder.computed
+            run.embeddings_cached += embedder.cached
+            embedder.computed = embedder.cached = 0
+            bar.update(1)
+    return run
+
+
+def benchmark_report(
+    suite: Suite,
+    models: Sequence[ModelSpec],
+    run: BenchmarkRun,
+    compare: tuple[ModelSpec, ModelSpec] | None,
+    options: RunOptions,
+) -> Report:
+    """The comparison report: leaderboards, a bar chart a dataset, per-class deltas of the
+    compared models and the definitions of every metric shown."""
+    sections = [
+        Section(
+            "Leaderboard",
+            [
+                Text(
+                    "Rows are models, columns the suite's datasets; ✓ marks the best model of "
+                    "each column. The full records are in results.jsonl (CLIP_benchmark's fields)."
+                ),
+                *leaderboard_tables(suite, models, run.records),
+            ],
+        ),
+        *dataset_sections(suite, models, run.records),
+    ]
+    if compare is not None:
+        sections += delta_sections(suite, compare[0], compare[1], run.records)
+    sections.append(
+        Section(
+            "Definitions",
+            [Table(["metric", "definition"], [[k, v] for k, v in DEFINITIONS.items()])],
+        )
+    )
+    results: dict[str, Any] = {}
+    for (label, i), record in run.records.items():
+        results.setdefault(label, {})[f"{suite.labels[i]} / {suite.tasks[i].task}"] = _json_safe(
+            record["metrics"]
+        )
+    metrics = {
+        "cells": {
+            "total": run.computed + run.cached,
+            "computed": run.computed,
+            "cached": run.cached,
+        },
+        "embeddings": {"computed": run.embeddings_computed, "cached": run.embeddings_cached},
+        "results": results,
+    }
+    meta = {
+        "models": {model.label: model.meta() for model in models},
+        "data": {
+            label: str(entry.spec) for label, entry in zip(suite.labels, suite.tasks, strict=True)
+        },
+        "compared": None if compare is None else f"A={compare[0].label}, B={compare[1].label}",
+        "precision": options.precision,
+        "device": options.device,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+    return Report(title="Benchmark", metrics=metrics, sections=sections, meta=meta)
+
+
+def benchmark_main(argv: Sequence[str]) -> int:
+    """`multimodal benchmark ...`; returns the exit status."""
+    parser = benchmark_parser()
+    args = parser.parse_args(list(argv))
+    for flag, value in (("--batch-size", args.batch_size), ("--devices", args.devices)):
+        if value < 1:
+            parser.error(f"{flag}={value} must be >= 1")
+    if args.num_workers < 0:
+        parser.error(f"--num-workers={args.num_workers} must be >= 0")
+    if args.devices > 1:
+        parser.error(
+            f"--devices {args.devices}: several processes are not supported yet; run with "
+            "--devices 1 (one process; --device cuda uses one GPU)"
+        )
+    options = RunOptions(
+        batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
+        device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    try:
+        suite = load_suite(args.tasks)
+        models = model_specs(args.models, args.configs, args.open_clip)
+        compare = _compare_pair(models, args.compare)
+        run = run_suite(suite, models, Path(args.out), options)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    report = benchmark_report(suite, models, run, compare, options)
+    paths = write_report(report, args.out, meta_in_json=True)
+    print(
+        f"cells: {run.computed} computed, {run.cached} from {RESULTS_FILE}; embeddings: "
+        f"{run.embeddings_computed} computed, {run.embeddings_cached} from the cache"
+    )
+    for table in leaderboard_tables(suite, models, run.records):
+        print(table.caption)
+        for row in table.rows:
+            print("  " + "  ".join(_plain(v) for v in row))
+    print(f"results: {Path(args.out) / RESULTS_FILE}")
+    print(f"report: {paths['html']}")
+    return 0
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, Marked):
+        return _plain(value.value) + " *"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "n/a" if value is None else str(value)
+
+
+main = benchmark_main
