@@ -21,12 +21,14 @@ loaders (`eval_loader`), embedding functions (`embed_images_and_captions`,
 `knn_probe`), so a cell's numbers are those of the single command. Embeddings are cached per
 (model, dataset) under DIR/cache (`multimodal.eval.embedding_cache`); each finished cell is
 appended to DIR/results.jsonl (rewritten atomically), so a rerun computes only the cells that
-are not there yet: a new model's, or those an interrupted run did not reach.
+are not there yet: a new model's, or those an interrupted run did not reach. `--devices N`
+embeds each dataset in N processes, a contiguous slice each (`multimodal.eval.benchmark_embed`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import io
@@ -50,6 +52,7 @@ from tqdm import tqdm
 from multimodal.checkpoint_check import check_torch_file
 from multimodal.eval import class_names as names
 from multimodal.eval import plots
+from multimodal.eval.benchmark_embed import EmbedPool, RunOptions, embed_data
 from multimodal.eval.commands import (
     Data,
     check_class_names,
@@ -69,10 +72,6 @@ from multimodal.eval.embedding_cache import (
 from multimodal.eval.evaluate import (
     CAPTIONS,
     RECALL_KS,
-    EvalLoader,
-    embed_images_and_captions,
-    embed_labelled_images,
-    eval_loader,
 )
 from multimodal.eval.linear_probe import knn_probe, linear_probe
 from multimodal.eval.loading import LoadedModel, load_model
@@ -286,6 +285,7 @@ class ModelSpec:
     open_clip: str | None
     open_clip_tag: str | None
     fingerprint: str
+    sha256: str | None = None  # of the checkpoint file
 
     def load(self, device: str) -> LoadedModel:
         if self.open_clip is None:  # a text file or random bytes: say so before torch reads it
@@ -301,7 +301,7 @@ class ModelSpec:
     def meta(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "pretrained": self.pretrained}
         if self.checkpoint is not None:
-            out["checkpoint_sha256"] = file_sha256(self.checkpoint)
+            out["checkpoint_sha256"] = self.sha256
         if self.config is not None:
             out["config"] = self.config
         out["fingerprint"] = self.fingerprint
@@ -334,13 +334,14 @@ def model_specs(
         config = configs[i] if configs else None
         if config is not None and not Path(config).is_file():
             raise FileNotFoundError(f"--configs: config {config!r} does not exist")
-        fingerprint = model_fingerprint(checkpoint, config=config)
+        sha = file_sha256(checkpoint)
+        fingerprint = model_fingerprint(checkpoint, config=config, checkpoint_sha256=sha)
         found.append(
             (
                 Path(checkpoint).stem,
                 dict(model=Path(checkpoint).stem, pretrained=str(checkpoint),
                      checkpoint=str(checkpoint), config=config, open_clip=None,
-                     open_clip_tag=None, fingerprint=fingerprint),
+                     open_clip_tag=None, fingerprint=fingerprint, sha256=sha),
             )
         )  # fmt: skip
     for value in open_clips:
@@ -351,12 +352,14 @@ def model_specs(
                 "(open_clip's pretrained tag, downloaded), e.g. ViT-B-32:vit_b_32.pt"
             )
         if Path(weights).is_file():
-            fingerprint = model_fingerprint(weights, open_clip=name)
+            sha = file_sha256(weights)
+            fingerprint = model_fingerprint(weights, open_clip=name, checkpoint_sha256=sha)
             found.append(
                 (
                     f"{name} ({Path(weights).stem})",
                     dict(model=name, pretrained=weights, checkpoint=weights, config=None,
-                         open_clip=name, open_clip_tag=None, fingerprint=fingerprint),
+                         open_clip=name, open_clip_tag=None, fingerprint=fingerprint,
+                         sha256=sha),
                 )
             )  # fmt: skip
         else:
@@ -450,59 +453,11 @@ class DataSource:
     captions: str | None = None  # embed captions too (mode): a retrieval task reads them
 
 
-class _Recorder:
-    """Iterates a loader, recording each batch's keys and labels (and keeping its length)."""
-
-    def __init__(self, loader: EvalLoader) -> None:
-        self.loader = loader
-        self.keys: list[str] = []
-        self.labels: list[Tensor] = []
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.keys.extend(batch["keys"])
-            self.labels.append(batch["labels"].cpu())
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
-@dataclass
-class RunOptions:
-    batch_size: int = 256
-    num_workers: int = 2
-    precision: str = "fp32"
-    device: str = "cpu"
-    progress: bool = True
-
-
 def embed_source(
     loaded: LoadedModel, source: DataSource, captions: str | None, options: RunOptions
 ) -> Embeddings:
-    """A model's embeddings of one dataset with the evaluation commands' loader and embedding
-    functions: images and labels (`embed_labelled_images`), plus captions when `captions` is
-    a caption mode (`embed_images_and_captions`)."""
-    loader = eval_loader(
-        source.data, loaded, batch_size=options.batch_size, num_workers=options.num_workers
-    )
-    recorder = _Recorder(loader)
-    if captions is None:
-        features, labels = embed_labelled_images(
-            loaded, recorder, precision=options.precision, progress=options.progress
-        )
-        embeddings = Embeddings(features.cpu(), labels.cpu(), recorder.keys)
-    else:
-        features, text_features, text_image, keys, texts = embed_images_and_captions(
-            loaded, recorder, captions=captions, precision=options.precision,
-            batch_size=options.batch_size, progress=options.progress,
-        )  # fmt: skip
-        embeddings = Embeddings(
-            features.cpu(), torch.cat(recorder.labels), keys, captions=captions, texts=texts,
-            text_features=text_features.cpu(), text_image=text_image.cpu(),
-        )  # fmt: skip
-    embeddings.skipped = loader.skip_counter.report(str(source.spec))
-    return embeddings
+    """A model's embeddings of one dataset in this process (`embed_data`)."""
+    return embed_data(loaded, source.data, captions, options, str(source.spec))
 
 
 class Embedder:
@@ -510,9 +465,15 @@ class Embedder:
     (and cached); counts computed and cached ones."""
 
     def __init__(
-        self, model: ModelSpec, loaded: LoadedModel, cache: EmbeddingCache, options: RunOptions
+        self,
+        model: ModelSpec,
+        loaded: LoadedModel,
+        cache: EmbeddingCache,
+        options: RunOptions,
+        pool: EmbedPool | None = None,
     ) -> None:
         self.model = model
+        self.pool = pool
         self.loaded = loaded
         self.cache = cache
         self.options = options
@@ -536,7 +497,10 @@ class Embedder:
                 self.cached += 1
                 self.memory[(source.fingerprint, mode)] = found
                 return found
-        embeddings = embed_source(self.loaded, source, captions, self.options)
+        if self.pool is None:
+            embeddings = embed_source(self.loaded, source, captions, self.options)
+        else:
+            embeddings = self.pool.embed(self.model, self.loaded, str(source.spec), captions)
         self.cache.save(self.model.fingerprint, source.fingerprint, self._tag(captions), embeddings)
         self.computed += 1
         self.memory[(source.fingerprint, captions)] = embeddings
@@ -915,7 +879,14 @@ def benchmark_parser() -> argparse.ArgumentParser:
         metavar=("A", "B"),
         help="two model labels (or indices from 0) for per-class deltas (default: the first two)",
     )
-    parser.add_argument("--devices", type=int, default=1, metavar="N", help="processes (1)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes that embed each dataset, a contiguous slice each (1); with --device "
+        "cuda, GPUs 0..N-1",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=256, metavar="N", help="images or texts a batch (256)"
     )
@@ -970,10 +941,12 @@ def run_suite(
     out: Path,
     options: RunOptions,
     *,
+    devices: int = 1,
     loader: Callable[[ModelSpec, str], LoadedModel] | None = None,
 ) -> BenchmarkRun:
     """Every cell of `models` x `suite`: the records in out/results.jsonl are kept, the
-    others computed (each model loaded once, only if it has a missing cell) and appended."""
+    others computed (each model loaded once, only if it has a missing cell) and appended.
+    With `devices` > 1, datasets are embedded by that many processes (`EmbedPool`)."""
     out.mkdir(parents=True, exist_ok=True)
     sources: dict[str, DataSource] = {}
     for entry in suite.tasks:
@@ -1000,15 +973,20 @@ def run_suite(
     cache = EmbeddingCache(out / CACHE_DIR)
     load = loader or (lambda spec, device: spec.load(device))
     embedders: dict[str, Embedder] = {}
-    with tqdm(total=len(pending), disable=not options.progress, desc="cells", unit="cell") as bar:
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if devices > 1 and pending:
+            pool = stack.enter_context(EmbedPool(devices, options))
+        bar = stack.enter_context(
+            tqdm(total=len(pending), disable=not options.progress, desc="cells", unit="cell")
+        )
         for i, cell in pending:
             embedder = embedders.get(cell.model.label)
             if embedder is None:
                 embedders.clear()  # one model in memory at a time
                 loaded = load(cell.model, options.device)
-                embedder = embedders[cell.model.label] = Embedder(
-                    cell.model, loaded, cache, options
-                )
+                embedder = Embedder(cell.model, loaded, cache, options, pool)
+                embedders[cell.model.label] = embedder
             record = evaluate_cell(embedder, cell, sources)
             append_result(results_path, record)
             run.records[(cell.model.label, i)] = record
@@ -1018,6 +996,16 @@ def run_suite(
             embedder.computed = embedder.cached = 0
             bar.update(1)
     return run
+
+
+def _specs(suite: Suite) -> dict[str, str]:
+    """dataset name -> data spec, training data of the probes included."""
+    out: dict[str, str] = {}
+    for entry in suite.tasks:
+        out.setdefault(entry.name, str(entry.spec))
+        if entry.train_spec is not None:
+            out.setdefault(f"{entry.name} (training)", str(entry.train_spec))
+    return out
 
 
 def benchmark_report(
@@ -1050,11 +1038,11 @@ def benchmark_report(
             [Table(["metric", "definition"], [[k, v] for k, v in DEFINITIONS.items()])],
         )
     )
-    results: dict[str, Any] = {}
-    for (label, i), record in run.records.items():
-        results.setdefault(label, {})[f"{suite.labels[i]} / {suite.tasks[i].task}"] = _json_safe(
-            record["metrics"]
-        )
+    headline: dict[str, Any] = {}  # model -> column -> headline metrics (all: results.jsonl)
+    for (label, i), record in sorted(run.records.items(), key=lambda item: item[0][1]):
+        entry = suite.tasks[i]
+        values = {m: record["metrics"].get(m) for m, _ in HEADLINES[entry.task]}
+        headline.setdefault(label, {})[f"{suite.labels[i]} / {entry.task}"] = _json_safe(values)
     metrics = {
         "cells": {
             "total": run.computed + run.cached,
@@ -1062,18 +1050,17 @@ def benchmark_report(
             "cached": run.cached,
         },
         "embeddings": {"computed": run.embeddings_computed, "cached": run.embeddings_cached},
-        "results": results,
+        "headline": {model.label: headline.get(model.label, {}) for model in models},
     }
+    version_text = ", ".join(f"{name} {version}" for name, version in versions().items())
     meta = {
         "models": {model.label: model.meta() for model in models},
-        "data": {
-            label: str(entry.spec) for label, entry in zip(suite.labels, suite.tasks, strict=True)
-        },
+        "data": _specs(suite),
         "compared": None if compare is None else f"A={compare[0].label}, B={compare[1].label}",
         "precision": options.precision,
         "device": options.device,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "versions": versions(),
+        "versions": version_text,
     }
     return Report(title="Benchmark", metrics=metrics, sections=sections, meta=meta)
 
@@ -1087,11 +1074,6 @@ def benchmark_main(argv: Sequence[str]) -> int:
             parser.error(f"{flag}={value} must be >= 1")
     if args.num_workers < 0:
         parser.error(f"--num-workers={args.num_workers} must be >= 0")
-    if args.devices > 1:
-        parser.error(
-            f"--devices {args.devices}: several processes are not supported yet; run with "
-            "--devices 1 (one process; --device cuda uses one GPU)"
-        )
     options = RunOptions(
         batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
         device=args.device, progress=not args.no_progress,
@@ -1100,7 +1082,7 @@ def benchmark_main(argv: Sequence[str]) -> int:
         suite = load_suite(args.tasks)
         models = model_specs(args.models, args.configs, args.open_clip)
         compare = _compare_pair(models, args.compare)
-        run = run_suite(suite, models, Path(args.out), options)
+        run = run_suite(suite, models, Path(args.out), options, devices=args.devices)
     except (ValueError, FileNotFoundError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

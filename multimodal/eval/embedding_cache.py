@@ -54,11 +54,13 @@ def model_fingerprint(
     config: str | os.PathLike | None = None,
     open_clip: str | None = None,
     pretrained: str | None = None,
+    checkpoint_sha256: str | None = None,
 ) -> str:
-    """What identifies a model's weights and preprocessing (see the module docstring)."""
+    """What identifies a model's weights and preprocessing (see the module docstring);
+    `checkpoint_sha256`: the checkpoint's digest when already computed."""
     parts = [f"open_clip={open_clip}", f"pretrained={pretrained}"]
     if checkpoint is not None:
-        parts.append(f"checkpoint={file_sha256(checkpoint)}")
+        parts.append(f"checkpoint={checkpoint_sha256 or file_sha256(checkpoint)}")
     if config is not None:
         parts.append(f"config={Path(config).read_text(encoding='utf-8')}")
     return text_sha256(*parts)

@@ -115,7 +115,7 @@ def suite_file(tmp_path_factory):
                     {"image": f"{label}-{part}.png", "label": label,
                      "class_name": DIGIT_NAMES[label], "caption": caption}
                 )  # fmt: skip
-    write_shards(samples, root / "shards", prefix="digits", progress=False)
+    write_shards(samples, root / "shards", prefix="digits", max_samples=10, progress=False)
     with open(root / "csv" / "data.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, ["image", "label", "class_name", "caption"])
         writer.writeheader()
@@ -324,8 +324,26 @@ def test_suite_files_are_validated_naming_the_field(tmp_path, suite_file):
     assert error({"tasks": clash}).startswith("tasks[1].name:")
 
 
-def test_several_devices_are_refused_with_a_clear_message(models, suite_file, tmp_path, capsys):
-    with pytest.raises(SystemExit) as caught:
-        run_benchmark(models[:1], suite_file, tmp_path / "x", "--devices", "2")
-    assert caught.value.code == 2
-    assert "--devices 2: several processes are not supported" in capsys.readouterr().err
+def test_two_processes_embed_every_sample_once_in_order(models, suite_file, patched, tmp_path):
+    """--devices 2 (gloo, a spawned worker): each rank embeds a contiguous half (of the
+    images of the tree and the CSV; of the 2 shards), merged in order: the embeddings and the
+    records equal those of one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_benchmark(models[:1], suite_file, one) == 0
+    assert run_benchmark(models[:1], suite_file, two, "--devices", "2") == 0
+    single, double = results(one), results(two)
+    assert single.keys() == double.keys()
+    for key, record in single.items():
+        assert double[key]["metrics"] == pytest.approx(record["metrics"], abs=1e-6), key
+    files = sorted(p.relative_to(one) for p in (one / "cache").rglob("*-captions-*.pt"))
+    files += sorted(p.relative_to(one) for p in (one / "cache").rglob("*-images.pt"))
+    assert len(files) == 3  # shards and CSV with captions, the tree without
+    for file in files:
+        a = torch.load(one / file, weights_only=True)
+        b = torch.load(two / file, weights_only=True)
+        assert b["keys"] == a["keys"] and len(set(a["keys"])) == len(a["keys"]) == 10 * PER_CLASS
+        assert torch.equal(b["labels"], a["labels"])
+        torch.testing.assert_close(b["image_features"], a["image_features"])
+        if a["texts"] is not None:
+            assert b["texts"] == a["texts"] and torch.equal(b["text_image"], a["text_image"])
+            torch.testing.assert_close(b["text_features"], a["text_features"])
