@@ -311,6 +311,20 @@ def test_image_classifier_rows_of_a_folder_equal_softmax(inputs, tmp_path):
     np.testing.assert_allclose([r["probability"] for r in rows], probability, atol=1e-6)
 
 
+def test_image_classifier_rows_of_shards_are_keyed_and_equal_softmax(inputs, tmp_path):
+    shards = str(inputs["shards"])
+    data = {"train_urls": shards, "val_urls": shards, "batch_size": 4, "num_workers": 0}
+    task, datamodule, _ = tiny(tmp_path, "vit", data, config="vision/vit_digits_shards.yaml")
+    rows = read_jsonl(predict(task, datamodule, tmp_path / "out") / "predictions.jsonl")
+    images = torch.cat([images for images, _ in shard_batches(datamodule)])  # (images, labels)
+    with torch.no_grad():
+        probability, index = task(images).softmax(dim=-1).max(dim=-1)
+    assert [r["key"] for r in rows] == [f"s-{i:04d}" for i in range(N_SHARD_SAMPLES)]
+    assert [r["class_index"] for r in rows] == index.tolist()
+    assert "class_name" not in rows[0]  # the shards name no classes
+    np.testing.assert_allclose([r["probability"] for r in rows], probability, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # language models
 
