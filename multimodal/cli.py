@@ -199,6 +199,12 @@ class PlatformCLI(LightningCLI):
             help="the run's folder under trainer.default_root_dir (default: the config's name); "
             "the same name is the same folder: --ckpt_path last resumes it",
         )
+        parser.add_argument(
+            "--predict_out",
+            "--predict-out",
+            default=None,
+            help="predict only: the output folder (default: the run folder's predictions/)",
+        )
 
     def _parse_ckpt_path(self) -> None:
         # before LightningCLI reads --ckpt_path (torch.load): place the run, check the file
@@ -237,6 +243,11 @@ class PlatformCLI(LightningCLI):
         self.resume_from = str(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
+        given = self.config[self.subcommand].get("predict_out") if self.subcommand else None
+        if given is not None and self.subcommand != "predict":
+            self.parser.error(
+                f"--predict_out is an option of `multimodal predict`, not {self.subcommand}"
+            )
         # a resumed (or evaluated) checkpoint replaces every weight: init_from is not read
         model = self.config[self.subcommand].get("model") if self.subcommand else None
         init_args = model.get("init_args") if hasattr(model, "get") else None
@@ -261,7 +272,14 @@ class PlatformCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "ckpt_path" in kwargs:
             kwargs["ckpt_path"] = self.resume_from
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False  # the writer has them: none kept in memory
         return kwargs
+
+    def before_predict(self) -> None:
+        from multimodal.export.predict import ensure_writer
+
+        ensure_writer(self.trainer, self.config.predict.get("predict_out"))
 
     def before_fit(self) -> None:
         warn_if_processes_exceed_cores(self.trainer)

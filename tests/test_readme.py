@@ -39,6 +39,7 @@ SKIPS: tuple[tuple[str, str], ...] = (
     (r"--data imagenet/", "ImageNet is not on disk"),
     (r"--root ~/datasets", "the torchvision dataset must be downloaded first (no network)"),
     (r"--images photos/", "the user's own image folder and captions file"),
+    (r"predict_images photos/", "the user's own image folder"),
     (
         r"^sbatch\b",
         "needs a SLURM cluster (test_cluster.py runs it under a stand-in srun)",
