@@ -36,6 +36,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -317,6 +318,13 @@ def _unique(labels: list[str]) -> list[str]:
     return out
 
 
+def _run_label(checkpoint: str) -> str:
+    """`run/stem` of a checkpoint: a fit run keeps its checkpoints in RUN/checkpoints/."""
+    path = Path(checkpoint)
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return f"{run.name}/{path.stem}" if run.name else path.stem
+
+
 def model_specs(
     checkpoints: Sequence[str], configs: Sequence[str] | None, open_clips: Sequence[str]
 ) -> list[ModelSpec]:
@@ -373,7 +381,14 @@ def model_specs(
             )  # fmt: skip
     if not found:
         raise ValueError("no models: pass --models CKPT ... and/or --open-clip NAME:FILE ...")
-    labels = _unique([label for label, _ in found])
+    stems = [label for label, _ in found]
+    labels = [
+        _run_label(kw["checkpoint"])
+        if kw["open_clip"] is None and stems.count(label) > 1
+        else label
+        for label, kw in found
+    ]
+    labels = _unique(labels)
     return [ModelSpec(label=label, **kw) for label, (_, kw) in zip(labels, found, strict=True)]
 
 
@@ -724,8 +739,9 @@ def leaderboard_tables(
                 for i in columns:
                     record = records.get((model.label, i))
                     row.append(None if record is None else record["metrics"].get(metric))
-                known = [v for v in row if v is not None]
-                row.append(sum(known) / len(known) if len(known) == len(row) else None)
+                if len(columns) > 1:  # the mean over the datasets
+                    known = [v for v in row if v is not None]
+                    row.append(sum(known) / len(known) if len(known) == len(row) else None)
                 grid.append(row)
             marked_columns = [_best_marked([row[j] for row in grid]) for j in range(len(grid[0]))]
             rows = [
@@ -734,7 +750,8 @@ def leaderboard_tables(
             ]
             tables.append(
                 Table(
-                    ["model", *(suite.labels[i] for i in columns), "mean"],
+                    ["model", *(suite.labels[i] for i in columns)]
+                    + (["mean"] if len(columns) > 1 else []),
                     rows,
                     caption=f"{title} ({metric})",
                 )
@@ -747,7 +764,8 @@ def dataset_bar_plot(
 ) -> Plot:
     """Grouped bars: one group a metric (`bars[metric][model]`), one bar a model."""
     metrics = list(bars)
-    fig = plots.new_figure(max(4.5, 1.2 + 0.5 * len(models) * len(metrics)), 3.4)
+    group = max(1.4, 0.4 * len(models))  # inches a metric
+    fig = plots.new_figure(max(4.5, 1.2 + group * len(metrics)), 3.6)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(models))
     x = np.arange(len(metrics))
@@ -760,7 +778,7 @@ def dataset_bar_plot(
             if np.isfinite(value):
                 ax.annotate(f"{value:.2f}", (position, value), textcoords="offset points",
                             xytext=(0, 2), ha="center", fontsize=7)  # fmt: skip
-    ax.set_xticks(x, metrics)
+    ax.set_xticks(x, [textwrap.fill(metric, 14) for metric in metrics], fontsize=8)
     ax.set_ylim(0.0, 1.12)
     ax.set_ylabel("score")
     ax.set_title(dataset)
@@ -1094,8 +1112,11 @@ def benchmark_main(argv: Sequence[str]) -> int:
     )
     for table in leaderboard_tables(suite, models, run.records):
         print(table.caption)
-        for row in table.rows:
-            print("  " + "  ".join(_plain(v) for v in row))
+        cells = [table.columns] + [[_plain(v) for v in row] for row in table.rows]
+        widths = [max(len(row[j]) for row in cells) for j in range(len(table.columns))]
+        for row in cells:
+            padded = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+            print("  " + "  ".join(padded).rstrip())
     print(f"results: {Path(args.out) / RESULTS_FILE}")
     print(f"report: {paths['html']}")
     return 0
@@ -1103,7 +1124,7 @@ def benchmark_main(argv: Sequence[str]) -> int:
 
 def _plain(value: Any) -> str:
     if isinstance(value, Marked):
-        return _plain(value.value) + " *"
+        return _plain(value.value) + " *"  # the best of its column
     if isinstance(value, float):
         return f"{value:.4f}"
     return "n/a" if value is None else str(value)

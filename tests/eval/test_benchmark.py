@@ -347,3 +347,20 @@ def test_two_processes_embed_every_sample_once_in_order(models, suite_file, patc
         if a["texts"] is not None:
             assert b["texts"] == a["texts"] and torch.equal(b["text_image"], a["text_image"])
             torch.testing.assert_close(b["text_features"], a["text_features"])
+
+
+def test_models_are_named_by_run_when_checkpoint_names_repeat(tmp_path):
+    files = []
+    for run in ("small", "large"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        files.append(tmp_path / run / "checkpoints" / "last.ckpt")
+        files[-1].write_bytes(run.encode())
+    specs = benchmark.model_specs([str(f) for f in files], None, [])
+    assert [s.label for s in specs] == ["small/last", "large/last"]
+    assert [s.model for s in specs] == ["last", "last"]  # CLIP_benchmark's model field
+    assert specs[0].fingerprint != specs[1].fingerprint  # different bytes
+    assert specs[0].sha256 == benchmark.file_sha256(files[0])
+    with pytest.raises(ValueError, match="--compare 'medium': not a model of the suite"):
+        benchmark._compare_pair(specs, ["small/last", "medium"])
+    with pytest.raises(ValueError, match="--open-clip 'ViT-B-32': expected NAME:FILE"):
+        benchmark.model_specs([], None, ["ViT-B-32"])
