@@ -14,6 +14,19 @@ zeroshot --data` takes it, `multimodal.eval.datasets`) and one task:
       - {dataset: csv:test.csv, task: linear_probe, train: csv:train.csv}
       - {dataset: csv:test.csv, task: knn, train: csv:train.csv, k: 5, shots: 4}
 
+or, grouped by dataset (`load_suite`; both forms may be used in one file):
+
+    datasets:
+      - dataset: shards:data/digits/test
+        name: digits
+        tasks: [zeroshot, retrieval, {task: linear_probe, train: shards:data/digits/train}]
+
+Records of results.jsonl: CLIP_benchmark's `dataset`, `model`, `pretrained`, `task`
+(zeroshot_classification, zeroshot_retrieval, linear_probe; `knn`, which it does not have),
+`metrics` (acc1, acc5, mean_per_class_recall; image_retrieval_recall@K for text -> image and
+text_retrieval_recall@K for image -> text; lp_acc1, lp_mean_per_class_recall) and `language`,
+then ours: the cell's key, the model's label, the task options and details (per-class accuracy).
+
 Cells run the evaluation code of `multimodal zeroshot` and `multimodal retrieval`: the same
 loaders (`eval_loader`), embedding functions (`embed_images_and_captions`,
 `embed_labelled_images`), zero-shot classifier and metrics (`zeroshot_classifier`,
@@ -38,7 +51,7 @@ import os
 import sys
 import textwrap
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,17 +228,19 @@ class Suite:
     `name: task`, then `name: task #i`)."""
 
     tasks: list[SuiteTask]
+    origins: list[str] | None = None  # where each entry is in the file (error messages)
     labels: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("tasks: the suite lists no task")
+        origins = self.origins or [f"tasks[{i}]" for i in range(len(self.tasks))]
         specs: dict[str, str] = {}
         for i, entry in enumerate(self.tasks):
             known = specs.setdefault(entry.name, str(entry.spec))
             if known != str(entry.spec):
                 raise ValueError(
-                    f"tasks[{i}].name: {entry.name!r} already names {known}; give "
+                    f"{origins[i]}.name: {entry.name!r} already names {known}; give "
                     f"{entry.spec} another name"
                 )
         seen: dict[tuple[str, str], int] = {}
@@ -236,9 +251,49 @@ class Suite:
             self.labels.append(entry.name if count == 0 else f"{entry.name} #{count + 1}")
 
 
+def _grouped_entries(groups: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, entry mapping) of each task of the grouped form: `datasets:` a list of
+    {dataset, name (optional), tasks: [TASK or {task: TASK, option: value, ...}]}."""
+    if not isinstance(groups, list):
+        raise ValueError(f"datasets: expected a list of datasets, got {groups!r}")
+    for i, group in enumerate(groups):
+        where = f"datasets[{i}]"
+        if not isinstance(group, Mapping):
+            raise ValueError(f"{where}: expected a mapping with dataset and tasks, got {group!r}")
+        for key in group:
+            if key not in ("dataset", "name", "tasks"):
+                raise ValueError(f"{where}.{key}: not a field (fields: dataset, name, tasks)")
+        for key in ("dataset", "tasks"):
+            if key not in group:
+                raise ValueError(f"{where}.{key}: missing")
+        if not isinstance(group["tasks"], list) or not group["tasks"]:
+            raise ValueError(f"{where}.tasks: expected a non-empty list of tasks")
+        for j, item in enumerate(group["tasks"]):
+            if isinstance(item, str):
+                item = {"task": item}
+            if not isinstance(item, Mapping):
+                raise ValueError(
+                    f"{where}.tasks[{j}]: expected a task name or a mapping with task, got {item!r}"
+                )
+            for key in ("dataset", "name"):
+                if key in item:
+                    raise ValueError(f"{where}.tasks[{j}].{key}: set on the dataset, not a task")
+            shared = {k: group[k] for k in ("dataset", "name") if k in group}
+            yield f"{where}.tasks[{j}]", {**shared, **item}
+
+
 def load_suite(path: str | os.PathLike) -> Suite:
-    """The suite of a YAML file: `tasks:` a list of `SuiteTask` mappings; ValueError naming
-    the bad entry and field (`tasks[1].dataset: ...`)."""
+    """The suite of a YAML file, in either form (or both):
+
+        tasks:                       # one entry a task, naming its dataset
+          - {dataset: SPEC, name: NAME, task: zeroshot, classes: digits}
+        datasets:                    # one entry a dataset, listing its tasks
+          - dataset: SPEC
+            name: NAME
+            tasks: [zeroshot, retrieval, {task: knn, train: SPEC, k: 10}]
+
+    ValueError naming the bad entry and field (`tasks[1].dataset: ...`,
+    `datasets[0].tasks[2].k: ...`)."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
@@ -246,23 +301,28 @@ def load_suite(path: str | os.PathLike) -> Suite:
         content = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"suite file {str(path)!r} is not valid YAML: {error}") from None
-    if not isinstance(content, Mapping) or "tasks" not in content:
+    if not isinstance(content, Mapping) or not ({"tasks", "datasets"} & set(content)):
         raise ValueError(
             f"suite file {str(path)!r}: expected a mapping with a `tasks:` list of entries "
-            "(dataset, task, ...)"
+            "(dataset, task, ...) and/or a `datasets:` list (dataset, name, tasks)"
         )
-    unknown = sorted(set(content) - {"tasks"})
+    unknown = sorted(set(content) - {"tasks", "datasets"})
     if unknown:
-        raise ValueError(f"suite file {str(path)!r}: unknown keys {unknown} (expected tasks)")
-    if not isinstance(content["tasks"], list):
-        raise ValueError(f"tasks: expected a list of entries, got {content['tasks']!r}")
+        raise ValueError(
+            f"suite file {str(path)!r}: unknown keys {unknown} (expected tasks and/or datasets)"
+        )
+    flat = content.get("tasks", [])
+    if not isinstance(flat, list):
+        raise ValueError(f"tasks: expected a list of entries, got {flat!r}")
+    values = [(f"tasks[{i}]", value) for i, value in enumerate(flat)]
+    values += list(_grouped_entries(content.get("datasets", [])))
     entries = []
-    for i, value in enumerate(content["tasks"]):
+    for where, value in values:
         try:
             entries.append(SuiteTask.from_dict(value))
         except (ValueError, TypeError) as error:
-            raise ValueError(f"tasks[{i}].{error}") from None
-    return Suite(entries)
+            raise ValueError(f"{where}.{error}") from None
+    return Suite(entries, [where for where, _ in values])
 
 
 # --------------------------------------------------------------------------- models
@@ -1092,6 +1152,13 @@ def benchmark_main(argv: Sequence[str]) -> int:
             parser.error(f"{flag}={value} must be >= 1")
     if args.num_workers < 0:
         parser.error(f"--num-workers={args.num_workers} must be >= 0")
+    if args.devices > 1 and torch.device(args.device).type == "cuda":
+        if torch.device(args.device).index not in (None, 0):
+            parser.error(f"--devices {args.devices} uses GPUs 0..N-1: pass --device cuda")
+        if args.devices > torch.cuda.device_count():
+            parser.error(
+                f"--devices {args.devices}: this machine has {torch.cuda.device_count()} GPUs"
+            )
     options = RunOptions(
         batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
         device=args.device, progress=not args.no_progress,

@@ -318,10 +318,30 @@ def test_suite_files_are_validated_naming_the_field(tmp_path, suite_file):
         "tasks[0].k:"
     )
     assert error({"tasks": [{"task": "zeroshot"}]}).startswith("tasks[0].dataset: missing")
-    assert error({"datasets": []}).startswith("suite file")
+    assert error({"suites": []}).startswith("suite file")
     clash = [{"dataset": "a", "task": "zeroshot", "name": "x"},
              {"dataset": "b", "task": "zeroshot", "name": "x"}]  # fmt: skip
     assert error({"tasks": clash}).startswith("tasks[1].name:")
+    # the grouped form: a dataset and its tasks
+    group = {"dataset": "a", "tasks": ["zeroshot", {"task": "knn", "train": "b", "k": 0}]}
+    assert error({"datasets": [group]}).startswith("datasets[0].tasks[1].k:")
+    assert error({"datasets": [{"tasks": ["zeroshot"]}]}).startswith("datasets[0].dataset: missing")
+    assert error(
+        {"datasets": [{"dataset": "a", "tasks": [{"task": "knn", "name": "x"}]}]}
+    ).startswith("datasets[0].tasks[0].name: set on the dataset")
+    assert error({"datasets": [{"dataset": "a", "tasks": [3]}]}).startswith("datasets[0].tasks[0]:")
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(yaml.safe_dump({"tasks": [
+        {"dataset": "a", "name": "n", "task": "zeroshot"},
+        {"dataset": "a", "name": "n", "task": "knn", "train": "b", "k": 3},
+    ]}))  # fmt: skip
+    grouped = tmp_path / "grouped.yaml"
+    grouped.write_text(yaml.safe_dump({"datasets": [
+        {"dataset": "a", "name": "n", "tasks": ["zeroshot", {"task": "knn", "train": "b", "k": 3}]}
+    ]}))  # fmt: skip
+    assert [e.options() for e in load_suite(flat).tasks] == [
+        e.options() for e in load_suite(grouped).tasks
+    ]
 
 
 def test_two_processes_embed_every_sample_once_in_order(models, suite_file, patched, tmp_path):
