@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -384,3 +385,43 @@ def test_models_are_named_by_run_when_checkpoint_names_repeat(tmp_path):
         benchmark._compare_pair(specs, ["small/last", "medium"])
     with pytest.raises(ValueError, match="--open-clip 'ViT-B-32': expected NAME:FILE"):
         benchmark.model_specs([], None, ["ViT-B-32"])
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 1},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+def test_an_open_clip_model_gives_the_single_commands_numbers(suite_file, tmp_path, capsys):
+    import open_clip
+
+    name = f"test-bench-clip-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_open_clip.pt"
+    torch.save(open_clip.create_model(name).state_dict(), weights)
+    shards = suite_file[1]["shards"]
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        yaml.safe_dump({"datasets": [{"dataset": shards, "tasks": ["zeroshot", "retrieval"]}]})
+    )
+    out = tmp_path / "bench"
+    argv = ["--open-clip", f"{name}:{weights}", "--tasks", str(suite), "--out", str(out), *BATCH]
+    assert benchmark_main(argv) == 0
+    records = [json.loads(line) for line in (out / RESULTS_FILE).read_text().splitlines()]
+    assert [(r["model"], r["pretrained"]) for r in records] == [(name, str(weights))] * 2
+    reference = tmp_path / "single"
+    single = ["--open-clip", name, "--checkpoint", str(weights), "--data", shards,
+              "--out", str(reference), "--examples", "0", *BATCH]  # fmt: skip
+    assert zeroshot_main(single) == 0
+    expected = json.loads((reference / "metrics.json").read_text())["zeroshot"]
+    assert records[0]["metrics"]["acc5"] == expected["top5"]
+    assert records[0]["metrics"]["acc1"] == expected["top1"]
+    assert retrieval_main(single[: -2 - len(BATCH)] + BATCH) == 0
+    expected = json.loads((reference / "metrics.json").read_text())["retrieval"]
+    assert records[1]["metrics"]["image_retrieval_recall@5"] == expected["text_to_image/recall@5"]
+    assert records[1]["metrics"]["text_retrieval_recall@5"] == expected["image_to_text/recall@5"]
