@@ -421,7 +421,7 @@ def test_an_open_clip_model_gives_the_single_commands_numbers(suite_file, tmp_pa
     expected = json.loads((reference / "metrics.json").read_text())["zeroshot"]
     assert records[0]["metrics"]["acc5"] == expected["top5"]
     assert records[0]["metrics"]["acc1"] == expected["top1"]
-    assert retrieval_main(single[: -2 - len(BATCH)] + BATCH) == 0
+    assert retrieval_main(single) == 0
     expected = json.loads((reference / "metrics.json").read_text())["retrieval"]
     assert records[1]["metrics"]["image_retrieval_recall@5"] == expected["text_to_image/recall@5"]
     assert records[1]["metrics"]["text_retrieval_recall@5"] == expected["image_to_text/recall@5"]
