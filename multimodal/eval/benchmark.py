@@ -4,22 +4,9 @@ comparison report, and a `results.jsonl` in CLIP_benchmark's record shape.
     multimodal benchmark --models a.ckpt b.ckpt --open-clip ViT-B-32:FILE \\
         --tasks suite.yaml --out DIR [--compare A B]
 
-The suite YAML lists task entries, each naming its dataset (a data spec as `multimodal
-zeroshot --data` takes it, `multimodal.eval.datasets`) and one task:
-
-    tasks:
-      - {dataset: shards:data/digits/test, name: digits, task: zeroshot}
-      - {dataset: shards:data/digits/test, name: digits, task: retrieval, captions: all}
-      - {dataset: "imagefolder:scans", task: zeroshot, classes: digits, templates: digits}
-      - {dataset: csv:test.csv, task: linear_probe, train: csv:train.csv}
-      - {dataset: csv:test.csv, task: knn, train: csv:train.csv, k: 5, shots: 4}
-
-or, grouped by dataset (`load_suite`; both forms may be used in one file):
-
-    datasets:
-      - dataset: shards:data/digits/test
-        name: digits
-        tasks: [zeroshot, retrieval, {task: linear_probe, train: shards:data/digits/train}]
+The suite YAML (`multimodal.eval.benchmark_suite`) lists datasets (data specs as `multimodal
+zeroshot --data` takes them) and the tasks to run on each: zeroshot, retrieval, linear_probe,
+knn. The report is built by `multimodal.eval.benchmark_report`.
 
 Records of results.jsonl: CLIP_benchmark's `dataset`, `model`, `pretrained`, `task`
 (zeroshot_classification, zeroshot_retrieval, linear_probe; `knn`, which it does not have),
@@ -42,31 +29,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import importlib.metadata
-import io
 import json
-import math
 import os
 import sys
-import textwrap
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
-from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from multimodal.checkpoint_check import check_torch_file
 from multimodal.eval import class_names as names
-from multimodal.eval import plots
 from multimodal.eval.benchmark_embed import EmbedPool, RunOptions, embed_data
+from multimodal.eval.benchmark_report import benchmark_report, json_safe, leaderboard_tables
+from multimodal.eval.benchmark_suite import Suite, SuiteTask, load_suite
 from multimodal.eval.commands import (
     Data,
     check_class_names,
@@ -74,7 +54,7 @@ from multimodal.eval.commands import (
     matching_templates,
     open_data,
 )
-from multimodal.eval.datasets import EXPECTED_SPEC, DatasetSpec, parse_spec
+from multimodal.eval.datasets import DatasetSpec
 from multimodal.eval.embedding_cache import (
     EmbeddingCache,
     Embeddings,
@@ -89,7 +69,7 @@ from multimodal.eval.evaluate import (
 )
 from multimodal.eval.linear_probe import knn_probe, linear_probe
 from multimodal.eval.loading import LoadedModel, load_model
-from multimodal.eval.report import Marked, Plot, Report, Section, Table, Text, write_report
+from multimodal.eval.report import Marked, write_report
 from multimodal.eval.retrieval import retrieval_metrics
 from multimodal.eval.zeroshot import (
     PRECISIONS,
@@ -101,7 +81,6 @@ from multimodal.eval.zeroshot import (
 
 RESULTS_FILE = "results.jsonl"
 CACHE_DIR = "cache"
-SUITE_TASKS = ("zeroshot", "retrieval", "linear_probe", "knn")
 # the task names of CLIP_benchmark's records (knn has none there: it keeps ours)
 BENCHMARK_TASK = {
     "zeroshot": "zeroshot_classification",
@@ -110,220 +89,6 @@ BENCHMARK_TASK = {
     "knn": "knn",
 }
 LANGUAGE = "en"  # the built-in templates are English
-TASK_FIELDS = {
-    "zeroshot": {"classes", "templates"},
-    "retrieval": {"captions", "max_memory_mib"},
-    "linear_probe": {"train", "seed"},
-    "knn": {"train", "k", "shots", "seed"},
-}
-COMMON_FIELDS = {"dataset", "name", "task"}
-
-# --------------------------------------------------------------------------- the suite file
-
-
-def _spec_name(spec: DatasetSpec) -> str:
-    if spec.kind == "torchvision":
-        return f"{spec.dataset}-{spec.split}".lower()
-    path = Path(spec.path.rstrip("/"))
-    name = path.stem if spec.kind in ("csv", "jsonl") else path.name
-    return name or str(spec)
-
-
-@dataclass
-class SuiteTask:
-    """One task entry of a suite: a dataset and what to run on it; validated on creation
-    (a ValueError names the bad field).
-
-    Args:
-        dataset: a data spec (string or dict form, `multimodal.eval.datasets`).
-        task: one of `SUITE_TASKS`.
-        name: the dataset's name in results and report (default: from the spec).
-        classes, templates: zero-shot class names and prompts (built-in names or files;
-            default: the data's class names and the matching built-in templates).
-        captions: retrieval captions, "all" or "txt".
-        max_memory_mib: retrieval's memory for one block of the similarity matrix.
-        train: the labelled training data of linear_probe / knn (a data spec).
-        k, shots: knn's neighbours and training images a class (None: all).
-        seed: the probes' validation split and few-shot draw.
-    """
-
-    dataset: str | dict[str, Any]
-    task: str
-    name: str | None = None
-    classes: str | None = None
-    templates: str | None = None
-    captions: str = "all"
-    max_memory_mib: int = 512
-    train: str | dict[str, Any] | None = None
-    k: int = 5
-    shots: int | None = None
-    seed: int = 0
-    spec: DatasetSpec = field(init=False, repr=False)
-    train_spec: DatasetSpec | None = field(init=False, repr=False, default=None)
-
-    def __post_init__(self) -> None:
-        if self.task not in SUITE_TASKS:
-            raise ValueError(f"task: {self.task!r} must be one of {list(SUITE_TASKS)}")
-        try:
-            self.spec = parse_spec(self.dataset)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"dataset: {error} (expected {EXPECTED_SPEC})") from None
-        if self.name is None:
-            self.name = _spec_name(self.spec)
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"name: {self.name!r} must be a non-empty string")
-        for key in ("classes", "templates"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{key}: {value!r} must be a built-in name or a file path")
-        if self.captions not in CAPTIONS:
-            raise ValueError(f"captions: {self.captions!r} must be one of {list(CAPTIONS)}")
-        for key in ("max_memory_mib", "k"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key}: {value!r} must be an int >= 1")
-        if self.shots is not None and (
-            isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1
-        ):
-            raise ValueError(f"shots: {self.shots!r} must be an int >= 1 or null (all)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed: {self.seed!r} must be an int")
-        if self.task in ("linear_probe", "knn"):
-            if self.train is None:
-                raise ValueError(f"train: task {self.task} needs labelled training data (a spec)")
-            try:
-                self.train_spec = parse_spec(self.train)
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"train: {error} (expected {EXPECTED_SPEC})") from None
-
-    @classmethod
-    def from_dict(cls, value: Any) -> SuiteTask:
-        """An entry from its YAML mapping; unknown fields and fields of another task are
-        refused by name."""
-        if not isinstance(value, Mapping):
-            raise ValueError(f"expected a mapping with dataset and task, got {value!r}")
-        for required in ("dataset", "task"):
-            if required not in value:
-                raise ValueError(f"{required}: missing")
-        task = value["task"]
-        allowed = COMMON_FIELDS | TASK_FIELDS.get(task, set())
-        for key in value:
-            if key not in allowed:
-                raise ValueError(f"{key}: not a field of task {task!r} (fields: {sorted(allowed)})")
-        return cls(**dict(value))
-
-    def options(self) -> dict[str, Any]:
-        """The fields that shape this task's result (for its cell identity)."""
-        keep = COMMON_FIELDS | TASK_FIELDS[self.task]
-        out = {k: v for k, v in asdict(self).items() if k in keep and k not in ("dataset", "name")}
-        out["dataset"] = str(self.spec)
-        if self.train_spec is not None:
-            out["train"] = str(self.train_spec)
-        return out
-
-
-@dataclass
-class Suite:
-    """The task entries of a suite file; column labels made unique (`name`, then
-    `name: task`, then `name: task #i`)."""
-
-    tasks: list[SuiteTask]
-    origins: list[str] | None = None  # where each entry is in the file (error messages)
-    labels: list[str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ValueError("tasks: the suite lists no task")
-        origins = self.origins or [f"tasks[{i}]" for i in range(len(self.tasks))]
-        specs: dict[str, str] = {}
-        for i, entry in enumerate(self.tasks):
-            known = specs.setdefault(entry.name, str(entry.spec))
-            if known != str(entry.spec):
-                raise ValueError(
-                    f"{origins[i]}.name: {entry.name!r} already names {known}; give "
-                    f"{entry.spec} another name"
-                )
-        seen: dict[tuple[str, str], int] = {}
-        self.labels = []
-        for entry in self.tasks:
-            count = seen.get((entry.name, entry.task), 0)
-            seen[(entry.name, entry.task)] = count + 1
-            self.labels.append(entry.name if count == 0 else f"{entry.name} #{count + 1}")
-
-
-def _grouped_entries(groups: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, entry mapping) of each task of the grouped form: `datasets:` a list of
-    {dataset, name (optional), tasks: [TASK or {task: TASK, option: value, ...}]}."""
-    if not isinstance(groups, list):
-        raise ValueError(f"datasets: expected a list of datasets, got {groups!r}")
-    for i, group in enumerate(groups):
-        where = f"datasets[{i}]"
-        if not isinstance(group, Mapping):
-            raise ValueError(f"{where}: expected a mapping with dataset and tasks, got {group!r}")
-        for key in group:
-            if key not in ("dataset", "name", "tasks"):
-                raise ValueError(f"{where}.{key}: not a field (fields: dataset, name, tasks)")
-        for key in ("dataset", "tasks"):
-            if key not in group:
-                raise ValueError(f"{where}.{key}: missing")
-        if not isinstance(group["tasks"], list) or not group["tasks"]:
-            raise ValueError(f"{where}.tasks: expected a non-empty list of tasks")
-        for j, item in enumerate(group["tasks"]):
-            if isinstance(item, str):
-                item = {"task": item}
-            if not isinstance(item, Mapping):
-                raise ValueError(
-                    f"{where}.tasks[{j}]: expected a task name or a mapping with task, got {item!r}"
-                )
-            for key in ("dataset", "name"):
-                if key in item:
-                    raise ValueError(f"{where}.tasks[{j}].{key}: set on the dataset, not a task")
-            shared = {k: group[k] for k in ("dataset", "name") if k in group}
-            yield f"{where}.tasks[{j}]", {**shared, **item}
-
-
-def load_suite(path: str | os.PathLike) -> Suite:
-    """The suite of a YAML file, in either form (or both):
-
-        tasks:                       # one entry a task, naming its dataset
-          - {dataset: SPEC, name: NAME, task: zeroshot, classes: digits}
-        datasets:                    # one entry a dataset, listing its tasks
-          - dataset: SPEC
-            name: NAME
-            tasks: [zeroshot, retrieval, {task: knn, train: SPEC, k: 10}]
-
-    ValueError naming the bad entry and field (`tasks[1].dataset: ...`,
-    `datasets[0].tasks[2].k: ...`)."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
-    try:
-        content = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"suite file {str(path)!r} is not valid YAML: {error}") from None
-    if not isinstance(content, Mapping) or not ({"tasks", "datasets"} & set(content)):
-        raise ValueError(
-            f"suite file {str(path)!r}: expected a mapping with a `tasks:` list of entries "
-            "(dataset, task, ...) and/or a `datasets:` list (dataset, name, tasks)"
-        )
-    unknown = sorted(set(content) - {"tasks", "datasets"})
-    if unknown:
-        raise ValueError(
-            f"suite file {str(path)!r}: unknown keys {unknown} (expected tasks and/or datasets)"
-        )
-    flat = content.get("tasks", [])
-    if not isinstance(flat, list):
-        raise ValueError(f"tasks: expected a list of entries, got {flat!r}")
-    values = [(f"tasks[{i}]", value) for i, value in enumerate(flat)]
-    values += list(_grouped_entries(content.get("datasets", [])))
-    entries = []
-    for where, value in values:
-        try:
-            entries.append(SuiteTask.from_dict(value))
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"{where}.{error}") from None
-    return Suite(entries, [where for where, _ in values])
-
 
 # --------------------------------------------------------------------------- models
 
@@ -474,25 +239,13 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.generic, Tensor)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def append_result(path: Path, record: dict[str, Any]) -> None:
     """results.jsonl with `record` appended, written to a temporary file and os.replace'd:
     an interruption leaves the previous complete file."""
     old = path.read_bytes() if path.is_file() else b""
     if old and not old.endswith(b"\n"):
         old += b"\n"
-    line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
+    line = json.dumps(json_safe(record), allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as handle:
@@ -746,182 +499,6 @@ def cell_key(model: ModelSpec, entry: SuiteTask, sources: Mapping[str, DataSourc
     return text_sha256(model.fingerprint, *data, options)[:32]
 
 
-# --------------------------------------------------------------------------- the report
-
-HEADLINES = {
-    "zeroshot": [("acc1", "zero-shot top-1")],
-    "retrieval": [
-        ("image_retrieval_recall@5", "text->image R@5"),
-        ("text_retrieval_recall@5", "image->text R@5"),
-    ],
-    "linear_probe": [("lp_acc1", "linear probe top-1")],
-    "knn": [("acc1", "k-NN top-1")],
-}
-DEFINITIONS = {
-    "acc1 (zero-shot top-1)": "share of test images whose most similar class prompt embedding "
-    "(mean of the class's templates) is their class.",
-    "acc5": "share of test images whose class is among the 5 most similar classes.",
-    "mean_per_class_recall": "top-1 accuracy of each class present in the data, averaged over "
-    "classes (balanced accuracy).",
-    "image_retrieval_recall@K (text->image)": "share of captions whose own image is among the K "
-    "images of highest cosine similarity; ties count against the model.",
-    "text_retrieval_recall@K (image->text)": "share of captioned images with one of their own "
-    "captions among the K most similar captions; ties count against the model.",
-    "lp_acc1 (linear probe top-1)": "top-1 of a logistic regression on the frozen, standardised "
-    "image features of the training data, L2 strength chosen on a validation split of it.",
-    "knn acc1 (k-NN top-1)": "top-1 of a majority vote of the k training images of highest "
-    "cosine similarity.",
-    "mean": "the model's headline metric averaged over the datasets of the table.",
-    "✓": "the best model of the column (every model tied with it is marked).",
-}
-
-
-def _best_marked(values: list[float | None]) -> list[Any]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    best = max(finite) if finite else None
-    return [Marked(v, True) if v is not None and v == best else v for v in values]
-
-
-def leaderboard_tables(
-    suite: Suite, models: Sequence[ModelSpec], records: Mapping[tuple[str, int], dict[str, Any]]
-) -> list[Table]:
-    """One table a headline metric: models x task columns (+ the mean), the best of each
-    column marked. `records[(model label, entry index)]` is a cell's record."""
-    tables = []
-    for task, headlines in HEADLINES.items():
-        columns = [i for i, entry in enumerate(suite.tasks) if entry.task == task]
-        if not columns:
-            continue
-        for metric, title in headlines:
-            grid = []
-            for model in models:
-                row = []
-                for i in columns:
-                    record = records.get((model.label, i))
-                    row.append(None if record is None else record["metrics"].get(metric))
-                if len(columns) > 1:  # the mean over the datasets
-                    known = [v for v in row if v is not None]
-                    row.append(sum(known) / len(known) if len(known) == len(row) else None)
-                grid.append(row)
-            marked_columns = [_best_marked([row[j] for row in grid]) for j in range(len(grid[0]))]
-            rows = [
-                [model.label] + [marked_columns[j][r] for j in range(len(grid[0]))]
-                for r, model in enumerate(models)
-            ]
-            tables.append(
-                Table(
-                    ["model", *(suite.labels[i] for i in columns)]
-                    + (["mean"] if len(columns) > 1 else []),
-                    rows,
-                    caption=f"{title} ({metric})",
-                )
-            )
-    return tables
-
-
-def dataset_bar_plot(
-    dataset: str, bars: Mapping[str, Mapping[str, float | None]], models: Sequence[str]
-) -> Plot:
-    """Grouped bars: one group a metric (`bars[metric][model]`), one bar a model."""
-    metrics = list(bars)
-    group = max(1.4, 0.4 * len(models))  # inches a metric
-    fig = plots.new_figure(max(4.5, 1.2 + group * len(metrics)), 3.6)
-    ax = fig.add_subplot()
-    width = 0.8 / max(1, len(models))
-    x = np.arange(len(metrics))
-    for m, model in enumerate(models):
-        values = [bars[metric].get(model) for metric in metrics]
-        heights = [np.nan if v is None else v for v in values]
-        positions = x - 0.4 + width * (m + 0.5)
-        ax.bar(positions, heights, width, label=model)
-        for position, value in zip(positions, heights, strict=True):
-            if np.isfinite(value):
-                ax.annotate(f"{value:.2f}", (position, value), textcoords="offset points",
-                            xytext=(0, 2), ha="center", fontsize=7)  # fmt: skip
-    ax.set_xticks(x, [textwrap.fill(metric, 14) for metric in metrics], fontsize=8)
-    ax.set_ylim(0.0, 1.12)
-    ax.set_ylabel("score")
-    ax.set_title(dataset)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    png = plots.figure_png(fig)
-    with Image.open(io.BytesIO(png)) as image:
-        width_px, height_px = image.size
-    alt = f"{dataset}: {', '.join(metrics)} of {len(models)} models"
-    return Plot(png, width_px, height_px, alt)
-
-
-def dataset_sections(
-    suite: Suite, models: Sequence[ModelSpec], records: Mapping[tuple[str, int], dict[str, Any]]
-) -> list[Section]:
-    """A bar chart a dataset of every headline metric of its tasks by model."""
-    by_dataset: dict[str, dict[str, dict[str, float | None]]] = {}
-    for i, entry in enumerate(suite.tasks):
-        bars = by_dataset.setdefault(entry.name, {})
-        for metric, title in HEADLINES[entry.task]:
-            label = title if suite.labels[i] == entry.name else f"{title} ({suite.labels[i]})"
-            bars[label] = {
-                model.label: records[(model.label, i)]["metrics"].get(metric)
-                for model in models
-                if (model.label, i) in records
-            }
-    sections = []
-    for dataset, bars in by_dataset.items():
-        sections.append(
-            Section(
-                f"Dataset: {dataset}", [dataset_bar_plot(dataset, bars, [m.label for m in models])]
-            )
-        )
-    return sections
-
-
-def delta_sections(
-    suite: Suite,
-    first: ModelSpec,
-    second: ModelSpec,
-    records: Mapping[tuple[str, int], dict[str, Any]],
-) -> list[Section]:
-    """Per-class zero-shot accuracy of two models and its change, largest changes first."""
-    sections = []
-    for i, entry in enumerate(suite.tasks):
-        a, b = records.get((first.label, i)), records.get((second.label, i))
-        if entry.task != "zeroshot" or a is None or b is None:
-            continue
-        per_a = a["details"]["per_class_accuracy"]
-        per_b = b["details"]["per_class_accuracy"]
-        rows = []
-        for name in per_a:
-            va, vb = per_a[name], per_b.get(name)
-            delta = None if va is None or vb is None else vb - va
-            rows.append([name, va, vb, delta])
-        rows.sort(key=lambda row: -abs(row[3]) if row[3] is not None else math.inf)
-        text = (
-            f"Zero-shot accuracy of each class of {suite.labels[i]} with {first.label} (A) and "
-            f"{second.label} (B); delta = B - A, largest changes first; n/a: no image of the class."
-        )
-        sections.append(
-            Section(
-                f"Per-class deltas: {suite.labels[i]}",
-                [
-                    Text(text),
-                    Table(["class", f"A: {first.label}", f"B: {second.label}", "delta"], rows),
-                ],
-            )
-        )
-    return sections
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for package in ("multimodal", "torch", "lightning", "open_clip_torch", "timm", "numpy"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    out["python"] = sys.version.split()[0]
-    return out
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -1074,73 +651,6 @@ def run_suite(
             embedder.computed = embedder.cached = 0
             bar.update(1)
     return run
-
-
-def _specs(suite: Suite) -> dict[str, str]:
-    """dataset name -> data spec, training data of the probes included."""
-    out: dict[str, str] = {}
-    for entry in suite.tasks:
-        out.setdefault(entry.name, str(entry.spec))
-        if entry.train_spec is not None:
-            out.setdefault(f"{entry.name} (training)", str(entry.train_spec))
-    return out
-
-
-def benchmark_report(
-    suite: Suite,
-    models: Sequence[ModelSpec],
-    run: BenchmarkRun,
-    compare: tuple[ModelSpec, ModelSpec] | None,
-    options: RunOptions,
-) -> Report:
-    """The comparison report: leaderboards, a bar chart a dataset, per-class deltas of the
-    compared models and the definitions of every metric shown."""
-    sections = [
-        Section(
-            "Leaderboard",
-            [
-                Text(
-                    "Rows are models, columns the suite's datasets; ✓ marks the best model of "
-                    "each column. The full records are in results.jsonl (CLIP_benchmark's fields)."
-                ),
-                *leaderboard_tables(suite, models, run.records),
-            ],
-        ),
-        *dataset_sections(suite, models, run.records),
-    ]
-    if compare is not None:
-        sections += delta_sections(suite, compare[0], compare[1], run.records)
-    sections.append(
-        Section(
-            "Definitions",
-            [Table(["metric", "definition"], [[k, v] for k, v in DEFINITIONS.items()])],
-        )
-    )
-    headline: dict[str, Any] = {}  # model -> column -> headline metrics (all: results.jsonl)
-    for (label, i), record in sorted(run.records.items(), key=lambda item: item[0][1]):
-        entry = suite.tasks[i]
-        values = {m: record["metrics"].get(m) for m, _ in HEADLINES[entry.task]}
-        headline.setdefault(label, {})[f"{suite.labels[i]} / {entry.task}"] = _json_safe(values)
-    metrics = {
-        "cells": {
-            "total": run.computed + run.cached,
-            "computed": run.computed,
-            "cached": run.cached,
-        },
-        "embeddings": {"computed": run.embeddings_computed, "cached": run.embeddings_cached},
-        "headline": {model.label: headline.get(model.label, {}) for model in models},
-    }
-    version_text = ", ".join(f"{name} {version}" for name, version in versions().items())
-    meta = {
-        "models": {model.label: model.meta() for model in models},
-        "data": _specs(suite),
-        "compared": None if compare is None else f"A={compare[0].label}, B={compare[1].label}",
-        "precision": options.precision,
-        "device": options.device,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "versions": version_text,
-    }
-    return Report(title="Benchmark", metrics=metrics, sections=sections, meta=meta)
 
 
 def benchmark_main(argv: Sequence[str]) -> int:

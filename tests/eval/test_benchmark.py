@@ -18,15 +18,9 @@ from PIL import Image
 from multimodal.data.digits import DIGIT_NAMES, load_digit_images
 from multimodal.data.shards import encode_png, write_shards
 from multimodal.eval import benchmark, commands, evaluate
-from multimodal.eval.benchmark import (
-    RESULTS_FILE,
-    ModelSpec,
-    Suite,
-    SuiteTask,
-    benchmark_main,
-    leaderboard_tables,
-    load_suite,
-)
+from multimodal.eval.benchmark import RESULTS_FILE, ModelSpec, benchmark_main
+from multimodal.eval.benchmark_report import leaderboard_tables
+from multimodal.eval.benchmark_suite import Suite, SuiteTask, load_suite
 from multimodal.eval.commands import retrieval_main, zeroshot_main
 from multimodal.eval.loading import instantiate_model_and_data, load_model
 from multimodal.eval.report import Marked, Section
