@@ -83,6 +83,13 @@ def retrieval(args: list[str]) -> int:
     return retrieval_main(args)
 
 
+def benchmark(args: list[str]) -> int:
+    """`multimodal benchmark ...`: every (model, dataset, task) cell of a suite, one report."""
+    from multimodal.eval.benchmark import benchmark_main
+
+    return benchmark_main(args)
+
+
 def caption_eval(args: list[str]) -> int:
     """`multimodal caption-eval ...`: a captioner checkpoint's captions scored on references."""
     from multimodal.eval.caption_eval import caption_eval_main
@@ -133,6 +140,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "zeroshot": Command("zero-shot classification report of a checkpoint on shards", zeroshot),
     "retrieval": Command("image-text retrieval report of a checkpoint on shards", retrieval),
+    "benchmark": Command(
+        "a suite of models x datasets: leaderboard, results.jsonl, cached embeddings", benchmark
+    ),
     "caption-eval": Command(
         "captioning report of a checkpoint: BLEU, ROUGE-L, CIDEr-D, examples", caption_eval
     ),
