@@ -427,11 +427,13 @@ def torchvision_dataset(spec: DatasetSpec) -> TorchvisionSamples:
     root = Path(spec.path).expanduser()
     try:
         data = cls(str(root), **kwargs)
-    except (RuntimeError, FileNotFoundError, OSError) as error:
+    except (RuntimeError, OSError) as error:
+        # torchvision's own RuntimeError suggests download=True, which this reader never does
+        detail = "" if type(error) is RuntimeError else f" ({str(error).splitlines()[0]})"
         raise FileNotFoundError(
             f"torchvision {spec.dataset} ({spec.split}) not found: looked in "
-            f"{_looked_in(cls, root)} ({str(error).splitlines()[0] if str(error) else error!r});"
-            " it is never downloaded here: put the dataset under that root first"
+            f"{_looked_in(cls, root)}{detail}; it is never downloaded here: put the dataset "
+            "under that root first"
         ) from None
     classes = getattr(data, "classes", None) or []
     class_map = {i: display_name(str(name)) for i, name in enumerate(classes)}

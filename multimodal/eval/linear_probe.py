@@ -2,7 +2,11 @@
 
 Linear probe (CLIP's protocol, Radford et al. 2021, appendix A.3): multinomial logistic
 regression on the training features, its L2 strength chosen on a validation split carved from
-them (a coarse sweep over C = 10^-6 .. 10^6, then a refinement in log space around the best),
+them (a coarse sweep over C = 10^-6 .. 10^6, then a refinement in log space around the best;
+the best is the highest validation accuracy, a tie broken by the lower validation
+cross-entropy: a small validation split often ties many C, and taking the smallest of them,
+as we did first, chose C ~ 4e-5 for two of four split seeds on the demo digits CLIP's
+train + val features, top-1 0.956 where the others reached 0.97-0.98),
 refitted on train + validation with the chosen C and scored on the test features. Features
 are standardised first with the statistics of the data each model is fitted on (per
 dimension: zero mean, unit variance): C then means the same for every model, and L-BFGS
@@ -136,15 +140,17 @@ def accuracy(predictions: Tensor, labels: Tensor) -> float:
 
 @dataclass
 class Sweep:
-    """The C chosen on the validation split and the validation accuracy of every C tried."""
+    """The C chosen on the validation split, and the validation accuracy and cross-entropy
+    of every C tried."""
 
     best_c: float
     scores: dict[float, float]  # C -> validation accuracy
+    losses: dict[float, float]  # C -> validation cross-entropy
 
 
-def _better(score: float, c: float, best: tuple[float, float] | None) -> bool:
-    # higher accuracy wins; a tie goes to the smaller C (stronger regularisation)
-    return best is None or score > best[0] or (score == best[0] and c < best[1])
+def best_c(scores: dict[float, float], losses: dict[float, float]) -> float:
+    """The C of the highest accuracy; a tie: the lower cross-entropy, then the smaller C."""
+    return min(scores, key=lambda c: (-scores[c], losses[c], c))
 
 
 def sweep_c(
@@ -160,10 +166,11 @@ def sweep_c(
     """C = 10^e for each e of `coarse`, then `refine_steps` rounds that try the best exponent
     +- a step halved each round (starting at half the coarse spacing); each C is fitted on
     `train` and scored on `val` (each fit from zero weights, so a score does not depend on
-    the order of the sweep). The best C (ties: the smallest) and every score."""
+    the order of the sweep). The best C (`best_c`) and every score."""
     if not coarse:
         raise ValueError("coarse: expected at least one exponent")
     scores: dict[float, float] = {}
+    losses: dict[float, float] = {}
     exponents: dict[float, float] = {}  # C -> its exponent
     bar = tqdm(
         total=len(set(coarse)) + 2 * refine_steps, disable=not progress, desc="probe C", unit="fit"
@@ -173,30 +180,24 @@ def sweep_c(
         c = 10.0**exponent
         if c not in scores:
             model = fit_logistic(*train, n_classes, c, max_iter=max_iter)
-            scores[c] = accuracy(model.predict(val[0]), val[1])
+            logits = model.logits(val[0])
+            scores[c] = accuracy(logits.argmax(1), val[1])
+            losses[c] = F.cross_entropy(logits, val[1].to(logits.device)).item()
             exponents[c] = exponent
         bar.update()
 
     for exponent in coarse:
         score(float(exponent))
 
-    def best() -> float:
-        chosen: tuple[float, float] | None = None
-        for c, value in scores.items():
-            if _better(value, c, chosen):
-                chosen = (value, c)
-        assert chosen is not None
-        return chosen[1]
-
     ordered = sorted(float(e) for e in coarse)
     step = (ordered[-1] - ordered[0]) / max(1, len(ordered) - 1) / 2 or 0.5
     for _ in range(refine_steps):
-        centre = exponents[best()]
+        centre = exponents[best_c(scores, losses)]
         score(centre - step)
         score(centre + step)
         step /= 2
     bar.close()
-    return Sweep(best(), scores)
+    return Sweep(best_c(scores, losses), scores, losses)
 
 
 def split_train_val(
@@ -265,7 +266,8 @@ def linear_probe(
     _check(*train, "train")
     _check(*test, "test")
     fit_index, val_index = split_train_val(train[1], val_fraction, seed)
-    x, y = train[0], train[1]
+    x = train[0]
+    y = train[1].to(x.device)
     fit_index, val_index = fit_index.to(x.device), val_index.to(x.device)
     scale = Standardizer.fit(x[fit_index])
     found = sweep_c(
@@ -366,7 +368,7 @@ def knn_probe(
 ) -> KnnResult:
     """k-NN top-1 on `test` with `train` (or `shots` random samples a class of it)."""
     _check(*test, "test")
-    features, labels = train
+    features, labels = train[0], train[1].to(train[0].device)
     if shots is not None:
         index = few_shot_indices(labels, shots, seed).to(features.device)
         features, labels = features[index], labels[index]

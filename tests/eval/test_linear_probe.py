@@ -81,12 +81,16 @@ def test_sweep_picks_the_best_validation_accuracy(pixels):
     # coarse grid, then 2 refinements of +-1 and +-0.5 decades around the best so far
     assert {10.0**e for e in (-3, -1, 1)} <= set(sweep.scores)
     assert 5 <= len(sweep.scores) <= 7
-    brute = {  # every C tried, refitted and scored here
-        c: accuracy(fit_logistic(*train_set, 10, c).predict(x[val]), y[val]) for c in sweep.scores
-    }
+    brute, losses = {}, {}
+    for c in sweep.scores:  # every C tried, refitted and scored here
+        probabilities = fit_logistic(*train_set, 10, c).logits(x[val]).softmax(1)
+        brute[c] = accuracy(probabilities.argmax(1), y[val])
+        losses[c] = -probabilities[torch.arange(len(val)), y[val]].log().mean().item()
     assert brute == sweep.scores
+    assert losses == pytest.approx(sweep.losses, rel=1e-9)
     best = max(brute.values())
-    assert sweep.best_c == min(c for c, score in brute.items() if score == best)
+    tied = [c for c, score in brute.items() if score == best]
+    assert sweep.best_c == min(tied, key=losses.__getitem__)  # a tie: the lower val loss
     assert best > 0.9  # the digits pixels are linearly separable enough
 
 
