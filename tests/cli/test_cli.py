@@ -10,7 +10,8 @@ import pytest
 
 from tests.helpers import ROOT, fit_briefly, run
 
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+SUITES = sorted((ROOT / "configs/eval").glob("*.yaml"))  # `multimodal benchmark --tasks`
+CONFIGS = sorted(set((ROOT / "configs").rglob("*.yaml")) - set(SUITES))  # `multimodal fit`
 
 
 def test_help_lists_lightning_and_platform_commands():
@@ -37,6 +38,13 @@ def test_every_config_parses(config):
     result = run("fit", "--config", str(config), "--print_config")
     assert result.returncode == 0, result.stderr
     assert "class_path" in result.stdout
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=[str(c.relative_to(ROOT)) for c in SUITES])
+def test_every_benchmark_suite_parses(suite):
+    from multimodal.eval.benchmark_suite import load_suite
+
+    assert load_suite(suite).tasks
 
 
 def test_fit_runs_the_smoke_config(tmp_path):
