@@ -469,7 +469,9 @@ def embed_labelled_images(
     desc: str = "images",
 ) -> tuple[Tensor, Tensor]:
     """(image features (N, D) L2-normalised fp32 on the model's device, labels (N,) on the
-    CPU) of every labelled image of `loader`; ValueError for an unlabelled one."""
+    CPU) of every labelled image of `loader`, sorted by sample key: the order (and so a
+    probe's seeded validation split) does not depend on how many workers read the data.
+    ValueError for an unlabelled image."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
     model = loaded.model
@@ -477,6 +479,7 @@ def embed_labelled_images(
     dtype = PRECISIONS[precision]
     features: list[Tensor] = []
     labels: list[Tensor] = []
+    keys: list[str] = []
     total = len(loader) if _has_length(loader) else None
     with eval_mode(model):
         for batch in tqdm(loader, total=total, disable=not progress, desc=desc, unit="batch"):
@@ -486,9 +489,12 @@ def embed_labelled_images(
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 features.append(embed_images(model, batch["images"].to(device)))
             labels.append(batch["labels"])
+            keys.extend(batch["keys"])
     if not features:
         raise ValueError("the data yielded no images")
-    return torch.cat(features), torch.cat(labels)
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    index = torch.tensor(order, dtype=torch.long)
+    return torch.cat(features)[index.to(features[0].device)], torch.cat(labels)[index]
 
 
 PROBE_DEFINITIONS = {

@@ -233,7 +233,9 @@ def test_linear_probe_of_the_trained_digits_clip_beats_its_zero_shot(
     argv = [
         "--checkpoint", str(checkpoint), "--config", str(CONFIGS / "clip/digits.yaml"),
         "--data", str(demo_shards / "test"), "--classes", "digits",
-        "--linear-probe", str(demo_shards / "train"), "--knn", "10",
+        # every labelled image outside the test split: 1,527 (the train split alone, 1,257,
+        # measured 0.967-0.974 over 5 split seeds, level with zero-shot's 0.970-0.974)
+        "--linear-probe", f"{demo_shards}/{{train,val}}/*.tar", "--knn", "10",
         "--out", str(out), "--examples", "0", "--num-workers", "0", "--no-progress",
     ]  # fmt: skip
     assert zeroshot_main(argv) == 0
