@@ -223,9 +223,16 @@ def test_probe_arguments_are_checked(tiny_run, tmp_path, capsys, monkeypatch):
     assert "does not match the data imagefolder:" in err and "'cat'" in err
 
 
+# The demo CLIP's zero-shot top-1 sits at the linear separability of its own image features:
+# over three trainings of the shared fixture, probe - zero-shot was -1, +2 and -1 test images
+# of 270 (zero-shot 0.970-0.978; probe on train+val 0.974-0.978, on train alone 0.967-0.974).
+# So the probe is held level with zero-shot within a point (2.7 images), not strictly above.
+LEVEL_POINTS = 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("trained_digits_clip")  # one worker trains the shared CLIP
-def test_linear_probe_of_the_trained_digits_clip_beats_its_zero_shot(
+def test_linear_probe_of_the_trained_digits_clip_is_level_with_its_zero_shot(
     trained_digits_clip, demo_shards, tmp_path
 ):
     _, checkpoint = trained_digits_clip
@@ -233,13 +240,15 @@ def test_linear_probe_of_the_trained_digits_clip_beats_its_zero_shot(
     argv = [
         "--checkpoint", str(checkpoint), "--config", str(CONFIGS / "clip/digits.yaml"),
         "--data", str(demo_shards / "test"), "--classes", "digits",
-        # every labelled image outside the test split: 1,527 (the train split alone, 1,257,
-        # measured 0.967-0.974 over 5 split seeds, level with zero-shot's 0.970-0.974)
+        # every labelled image outside the test split (1,527; CLIP trained on 1,257 of them)
         "--linear-probe", f"{demo_shards}/{{train,val}}/*.tar", "--knn", "10",
         "--out", str(out), "--examples", "0", "--num-workers", "0", "--no-progress",
     ]  # fmt: skip
     assert zeroshot_main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     zeroshot, probe = metrics["zeroshot"]["top1"], metrics["linear_probe"]["top1"]
-    print(f"zero-shot {zeroshot:.3f}, linear probe {probe:.3f}, 10-NN {metrics['knn']['top1']:.3f}")
-    assert probe >= zeroshot, (probe, zeroshot)
+    knn = metrics["knn"]["top1"]
+    print(f"zero-shot {zeroshot:.4f}, linear probe {probe:.4f}, 10-NN {knn:.4f}")
+    assert metrics["linear_probe"]["n_train"] + metrics["linear_probe"]["n_val"] == 1527
+    assert 100 * (probe - zeroshot) >= -LEVEL_POINTS, (probe, zeroshot)
+    assert min(probe, knn) >= 0.95
