@@ -149,6 +149,19 @@ def _parser() -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.1, metavar="F", help="of the train set (0.1)"
     )
     torchvision.add_argument("--seed", type=int, default=0, help="seed of the split (0)")
+
+    unpack = commands.add_parser(
+        "unpack",
+        help="shards -> a class-per-folder image tree (ImageFolder layout)",
+        description=(
+            "Write each labelled image of the shards to OUT/<class>/<key>.<ext>, unchanged; "
+            "the class is the json's class_name (spaces as _) or its label / cls number. "
+            "Samples without an image or a class are skipped and counted."
+        ),
+    )
+    unpack.add_argument("shards", metavar="SHARDS", help="a shard folder, brace pattern or glob")
+    unpack.add_argument("--out", required=True, metavar="DIR", help="the tree's root (new)")
+    unpack.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -228,6 +241,17 @@ def _run(args: argparse.Namespace) -> Mapping[str, WriteSummary]:
     )
 
 
+def _unpack(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from multimodal.data.unpack import unpack_shards
+
+    try:
+        summary = unpack_shards(args.shards, args.out, progress=not args.no_progress)
+    except (ValueError, FileExistsError, OSError) as error:
+        parser.error(str(error))
+    print("\n".join(summary.lines(args.out)))
+    return 0 if summary.images else 1
+
+
 def main(argv: list[str]) -> int:
     """Parse `argv` (the arguments after `shards`), write, print the summary.
 
@@ -235,6 +259,8 @@ def main(argv: list[str]) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "unpack":
+        return _unpack(parser, args)
     try:
         summaries = _run(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
