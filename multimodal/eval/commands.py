@@ -174,6 +174,16 @@ def retrieval_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--examples", type=int, default=4, metavar="N", help="example queries a direction (4)"
     )
+    parser.add_argument(
+        "--rerank-itm",
+        type=int,
+        metavar="K",
+        help=(
+            "also re-order each query's top K by the model's image-text matching head (a "
+            "checkpoint trained with ContrastivePretraining(itm_head=...)); the recall before "
+            "and after is reported (retrieval/... and retrieval_itm/...)"
+        ),
+    )
     return parser
 
 
@@ -420,6 +430,8 @@ def retrieval_main(argv: Sequence[str]) -> int:
     parser = retrieval_parser()
     args = parser.parse_args(list(argv))
     _positive(parser, args, "batch_size", "max_memory_mib")
+    if args.rerank_itm is not None and args.rerank_itm < 1:
+        parser.error(f"--rerank-itm={args.rerank_itm} must be >= 1")
     try:
         data = open_data(args.data)
         loaded = _load(parser, args)
@@ -430,13 +442,16 @@ def retrieval_main(argv: Sequence[str]) -> int:
             loaded, loaders,
             captions=args.captions, precision=args.precision, batch_size=args.batch_size,
             max_memory_bytes=args.max_memory_mib * 2**20, n_examples=args.examples,
-            progress=not args.no_progress,
+            progress=not args.no_progress, rerank_itm=args.rerank_itm,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         return _fail(parser.prog, error)
+    metrics: dict[str, Any] = {"retrieval": run.metrics}
+    if run.itm_metrics is not None:
+        metrics["retrieval_itm"] = run.itm_metrics
     report = Report(
         title="Image-text retrieval",
-        metrics={"retrieval": run.metrics},
+        metrics=metrics,
         sections=run.sections,
         meta=_meta(args, loaded, captions=args.captions),
     )

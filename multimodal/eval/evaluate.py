@@ -43,6 +43,7 @@ from multimodal.eval.datasets import (
     open_samples,
     parse_spec,
 )
+from multimodal.eval.itm_rerank import check_itm_model, itm_pair_scores, rerank_with_scores
 from multimodal.eval.linear_probe import KnnResult, ProbeResult, knn_probe, linear_probe
 from multimodal.eval.loading import LoadedModel
 from multimodal.eval.report import (
@@ -277,6 +278,8 @@ class RetrievalRun:
     result: RetrievalResult
     metrics: dict[str, Any]
     sections: list[Section]
+    itm_result: RetrievalResult | None = None  # with `rerank_itm`: the re-ranked result
+    itm_metrics: dict[str, Any] | None = None  # its report metrics (`retrieval_itm`)
 
 
 @torch.no_grad()
@@ -353,9 +356,17 @@ def run_retrieval(
     max_memory_bytes: int = 512 * 2**20,
     n_examples: int = 4,
     progress: bool = True,
+    rerank_itm: int | None = None,
 ) -> RetrievalRun:
     """Image -> text and text -> image retrieval among every image and caption of
-    `loaders()`; sections: Recall@K curves and example queries with their top 5 results."""
+    `loaders()`; sections: Recall@K curves and example queries with their top 5 results.
+    With `rerank_itm` K, each query's top K are also re-ordered by the model's ITM head
+    (`multimodal.eval.itm_rerank`) and the recall before and after is compared in a section;
+    ValueError for a model without an ITM head."""
+    if rerank_itm is not None:
+        if rerank_itm < 1:
+            raise ValueError(f"--rerank-itm={rerank_itm} must be >= 1")
+        check_itm_model(loaded)
     loader = loaders()
     image_features, text_features, text_image, keys, texts = embed_images_and_captions(
         loaded, loader, captions=captions, precision=precision, batch_size=batch_size,
@@ -377,6 +388,21 @@ def run_retrieval(
         "text->image": recall_curve(result.text_to_image.ranks, n_images),
     }
     sections = [recall_curve_section(curves, title="Retrieval: Recall@K")]
+    itm_result, itm_metrics = None, None
+    if rerank_itm is not None:
+
+        def score_pairs(image_index: Tensor, text_index: Tensor) -> Tensor:
+            return itm_pair_scores(
+                loaded, loaders(), keys, texts, image_index, text_index,
+                batch_size=batch_size, precision=precision, progress=progress,
+            )  # fmt: skip
+
+        itm_result = rerank_with_scores(
+            image_features, text_features, text_image, score_pairs,
+            k=rerank_itm, ks=RECALL_KS, max_memory_bytes=max_memory_bytes,
+        )  # fmt: skip
+        itm_metrics = {**itm_result.to_dict(), "k": min(rerank_itm, n_images, n_texts)}
+        sections.insert(0, itm_rerank_section(result, itm_result, rerank_itm))
     if n_examples > 0:
         sections.append(
             _retrieval_examples(
@@ -391,7 +417,46 @@ def run_retrieval(
                 max_memory_bytes,
             )  # fmt: skip
         )
-    return RetrievalRun(result, metrics, sections)
+    return RetrievalRun(result, metrics, sections, itm_result, itm_metrics)
+
+
+def itm_rerank_section(before: RetrievalResult, after: RetrievalResult, k: int) -> Section:
+    """Recall@K and mean rank of both directions before and after ITM re-ranking."""
+    rows = []
+    for name, old, new in (
+        ("image->text", before.image_to_text, after.image_to_text),
+        ("text->image", before.text_to_image, after.text_to_image),
+    ):
+        for r in sorted(old.recall):
+            rows.append(
+                {
+                    "direction": name,
+                    "metric": f"R@{r}",
+                    "embeddings": old.recall[r],
+                    "ITM re-ranked": new.recall[r],
+                    "change": new.recall[r] - old.recall[r],
+                }
+            )
+        rows.append(
+            {
+                "direction": name,
+                "metric": "mean rank",
+                "embeddings": old.mean_rank,
+                "ITM re-ranked": new.mean_rank,
+                "change": new.mean_rank - old.mean_rank,
+            }
+        )
+    return table_section(
+        f"Retrieval: ITM re-ranking of the top {k}",
+        rows,
+        text=(
+            f"Each query's top {k} candidates by embedding similarity re-ordered by the ITM "
+            "head's match probability (metrics `retrieval_itm/...`); a query whose correct item "
+            f"is not in its top {k} keeps its rank, so R@K for K >= {k} does not change. "
+            "R@K: the share of queries whose correct item is among the first K results; ties "
+            "count against the model."
+        ),
+    )
 
 
 def _spread(n: int, count: int) -> list[int]:

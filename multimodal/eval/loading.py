@@ -40,6 +40,8 @@ class LoadedModel:
         description: what was loaded, for reports.
         data_tokenizer: a tokenizer with `encode`, for the shard reader (the model's when it
             has one; the ids it makes are not used by the evaluations).
+        itm_head: the task's image-text matching head (`ContrastivePretraining(itm_head=...)`),
+            in eval mode, for re-ranking retrieval; None when the task has none.
     """
 
     model: nn.Module
@@ -50,11 +52,14 @@ class LoadedModel:
     std: tuple[float, ...]
     description: str
     data_tokenizer: Tokenizer
+    itm_head: nn.Module | None = None
 
     @classmethod
-    def from_datamodule(cls, model: nn.Module, data: Any, description: str) -> LoadedModel:
+    def from_datamodule(
+        cls, model: nn.Module, data: Any, description: str, *, itm_head: nn.Module | None = None
+    ) -> LoadedModel:
         """`model` fed as the image-text datamodule `data` feeds it: its tokenizer, context
-        length and evaluation transform."""
+        length and evaluation transform (and the task's ITM head, if given)."""
         return cls(
             model=model,
             tokenizer=data.tokenizer,
@@ -64,6 +69,7 @@ class LoadedModel:
             std=tuple(data.transform.std),
             description=description,
             data_tokenizer=data.tokenizer,
+            itm_head=itm_head,
         )
 
 
@@ -126,8 +132,11 @@ def load_lightning(checkpoint: str | os.PathLike, config: str | os.PathLike | No
                 f"{attribute}; expected an image-text datamodule such as ImageTextDataModule"
             )
     model.eval()
+    itm_head = getattr(task, "itm_head", None)  # ContrastivePretraining's, None elsewhere
+    if itm_head is not None:
+        itm_head.eval()
     description = f"{type(model).__name__} from {checkpoint} (config {config})"
-    return LoadedModel.from_datamodule(model, data, description)
+    return LoadedModel.from_datamodule(model, data, description, itm_head=itm_head)
 
 
 def _normalization(preprocess: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -202,4 +211,6 @@ def load_model(
             return load_quantized(checkpoint)
         loaded = load_lightning(checkpoint, config)
     loaded.model.to(device)
+    if loaded.itm_head is not None:
+        loaded.itm_head.to(device)
     return loaded
