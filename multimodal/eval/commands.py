@@ -24,7 +24,9 @@ from multimodal.checkpoint_check import check_torch_file
 from multimodal.eval import class_names as names
 from multimodal.eval.datasets import EXPECTED_SPEC, ImageSamples, open_samples, parse_spec
 from multimodal.eval.evaluate import CAPTIONS, eval_loader, run_probes, run_retrieval, run_zeroshot
+from multimodal.eval.generation_eval import file_sha256, package_versions
 from multimodal.eval.loading import LoadedModel, load_model
+from multimodal.eval.metric_notes import explain
 from multimodal.eval.report import Report, flatten_metrics, format_value, write_report
 from multimodal.eval.zeroshot import PRECISIONS
 
@@ -202,13 +204,23 @@ def _load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> LoadedMo
 
 
 def _meta(args: argparse.Namespace, loaded: LoadedModel, **extra: Any) -> dict[str, Any]:
+    """The report's meta data (shown at its top and kept in metrics.json under "meta"): the
+    model, its checkpoint's SHA-256, the data, `extra` (classes, templates...), precision,
+    device, date and package versions."""
+    weights = {}
+    if args.checkpoint is not None and Path(args.checkpoint).exists():
+        weights["checkpoint_sha256"] = file_sha256(args.checkpoint)
+    elif args.pretrained is not None:
+        weights["pretrained"] = args.pretrained
     return {
         "model": loaded.description,
+        **weights,
         "data": args.data,
         **extra,
         "precision": args.precision,
         "device": args.device,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "versions": package_versions(),
     }
 
 
@@ -420,8 +432,9 @@ def zeroshot_main(argv: Sequence[str]) -> int:
         metrics=metrics,
         sections=sections,
         meta=_meta(args, loaded, classes=classes_name, templates=templates_name, **probe_meta),
+        explanations=explain(metrics),
     )
-    print_report(report.metrics, write_report(report, args.out))
+    print_report(report.metrics, write_report(report, args.out, meta_in_json=True))
     return 0
 
 
@@ -449,11 +462,13 @@ def retrieval_main(argv: Sequence[str]) -> int:
     metrics: dict[str, Any] = {"retrieval": run.metrics}
     if run.itm_metrics is not None:
         metrics["retrieval_itm"] = run.itm_metrics
+    caveats = {f"retrieval/{name}": text for name, text in run.caveats.items()}
     report = Report(
         title="Image-text retrieval",
         metrics=metrics,
         sections=run.sections,
         meta=_meta(args, loaded, captions=args.captions),
+        explanations=explain(metrics, caveats),
     )
-    print_report(report.metrics, write_report(report, args.out))
+    print_report(report.metrics, write_report(report, args.out, meta_in_json=True))
     return 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,7 @@ from multimodal.eval.datasets import (
 from multimodal.eval.itm_rerank import check_itm_model, itm_pair_scores, rerank_with_scores
 from multimodal.eval.linear_probe import KnnResult, ProbeResult, knn_probe, linear_probe
 from multimodal.eval.loading import LoadedModel
+from multimodal.eval.metric_notes import reachable_image_to_text
 from multimodal.eval.report import (
     Marked,
     RetrievalExample,
@@ -207,6 +208,16 @@ def run_zeroshot(
     images with their predicted and true class (the wrong predictions first)."""
     keys: list[str] = []
     loader = loaders()
+    scale = logit_scale(loaded.model)
+    n_top = min(EXAMPLE_TOP_CLASSES, len(class_names))
+    top_probs: list[Tensor] = []
+    top_classes: list[Tensor] = []
+
+    def keep_top(logits: Tensor) -> None:
+        probs, classes = (logits.float() * scale).softmax(dim=-1).topk(n_top, dim=-1)
+        top_probs.append(probs.cpu())
+        top_classes.append(classes.cpu())
+
     result = zeroshot_evaluate(
         loaded.model,
         loaded.tokenizer,
@@ -217,6 +228,7 @@ def run_zeroshot(
         text_batch_size=text_batch_size,
         precision=precision,
         progress=progress,
+        on_logits=keep_top if n_examples > 0 else None,
     )
     metrics = {
         "top1": result.top1,
@@ -238,8 +250,32 @@ def run_zeroshot(
         ),
     ]
     if n_examples > 0:
-        sections.append(_zeroshot_examples(loaded, loaders, result, keys, n_examples))
+        top = (torch.cat(top_classes), torch.cat(top_probs))
+        sections.append(_zeroshot_examples(loaded, loaders, result, keys, n_examples, top, scale))
     return ZeroShotRun(result, metrics, sections)
+
+
+EXAMPLE_TOP_CLASSES = 3  # classes and probabilities shown for each example image
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's, for models without a `scale()`
+
+
+def logit_scale(model: Any) -> float:
+    """The model's logit multiplier (`scale()`: exp of the learned temperature, clamped), which
+    turns cosine similarities into the logits of its softmax; CLIP's 100 for a model without."""
+    scale = getattr(model, "scale", None)
+    if not callable(scale):
+        return DEFAULT_LOGIT_SCALE
+    with torch.no_grad():
+        return float(scale())
+
+
+def zeroshot_example_indices(result: ZeroShotResult, n_examples: int) -> tuple[list[int], int]:
+    """(the images a report shows, how many of them are misclassified): up to half
+    misclassified ones first, then correctly classified ones, each in data order."""
+    correct = (result.predictions == result.labels).tolist()
+    wrong = [i for i, ok in enumerate(correct) if not ok][: n_examples // 2]
+    right = [i for i, ok in enumerate(correct) if ok][: n_examples - len(wrong)]
+    return wrong + right, len(wrong)
 
 
 def _zeroshot_examples(
@@ -248,26 +284,37 @@ def _zeroshot_examples(
     result: ZeroShotResult,
     keys: list[str],
     n_examples: int,
+    top: tuple[Tensor, Tensor],
+    scale: float,
 ) -> Section:
-    correct = (result.predictions == result.labels).tolist()
-    wrong = [i for i, ok in enumerate(correct) if not ok][: n_examples // 2]
-    right = [i for i, ok in enumerate(correct) if ok][: n_examples - len(wrong)]
-    chosen = sorted(wrong + right)
+    chosen, n_wrong = zeroshot_example_indices(result, n_examples)
     images = images_by_key(loaders(), [keys[i] for i in chosen], loaded.mean, loaded.std)
     names = result.class_names
+    top_classes, top_probs = top
     rows = [
         {
             "image": images[keys[i]],
             "key": keys[i],
             "true class": names[int(result.labels[i])],
-            "predicted": Marked(names[int(result.predictions[i])], correct[i]),
+            "predicted": Marked(
+                names[int(result.predictions[i])],
+                bool(result.predictions[i] == result.labels[i]),
+            ),
+            f"top {top_classes.shape[1]} (probability)": tuple(
+                f"{names[c]} {p:.3f}"
+                for c, p in zip(top_classes[i].tolist(), top_probs[i].tolist(), strict=True)
+            ),
         }
         for i in chosen
     ]
     return table_section(
         "Zero-shot: examples",
         rows,
-        text=f"{len(wrong)} misclassified and {len(right)} correctly classified images.",
+        text=(
+            f"{n_wrong} misclassified images first, then {len(chosen) - n_wrong} correctly "
+            f"classified ones. Probability: softmax over the classes of the cosine "
+            f"similarities times the model's logit scale ({scale:.3g})."
+        ),
     )
 
 
@@ -280,6 +327,7 @@ class RetrievalRun:
     sections: list[Section]
     itm_result: RetrievalResult | None = None  # with `rerank_itm`: the re-ranked result
     itm_metrics: dict[str, Any] | None = None  # its report metrics (`retrieval_itm`)
+    caveats: dict[str, str] = field(default_factory=dict)  # metric name -> caveat
 
 
 @torch.no_grad()
@@ -388,6 +436,10 @@ def run_retrieval(
         "text->image": recall_curve(result.text_to_image.ranks, n_images),
     }
     sections = [recall_curve_section(curves, title="Retrieval: Recall@K")]
+    sections[0].blocks.insert(0, Text(RECALL_DEFINITION))
+    caveats = shared_caption_caveats(texts, text_image.tolist(), metrics)
+    for offset, (name, caveat) in enumerate(caveats.items(), 1):
+        sections[0].blocks.insert(offset, Text(f"⚠ {name}: {caveat}"))
     itm_result, itm_metrics = None, None
     if rerank_itm is not None:
 
@@ -417,7 +469,39 @@ def run_retrieval(
                 max_memory_bytes,
             )  # fmt: skip
         )
-    return RetrievalRun(result, metrics, sections, itm_result, itm_metrics)
+    return RetrievalRun(result, metrics, sections, itm_result, itm_metrics, caveats)
+
+
+RECALL_DEFINITION = (
+    "Recall@K: the share of queries whose correct item (image->text: one of the image's own "
+    "captions; text->image: the caption's own image) is among the first K results. Ties "
+    "count against the model: a wrong item scoring exactly as high as the correct one ranks "
+    "above it."
+)
+
+
+def shared_caption_caveats(
+    texts: Sequence[str], text_image: Sequence[int], metrics: dict[str, Any]
+) -> dict[str, str]:
+    """Where images share captions word for word, image -> text Recall@K has a ceiling below 1
+    by construction (`metric_notes.reachable_image_to_text`): adds
+    `images_with_shared_captions` and `image_to_text/reachable_recall@K` (K of RECALL_KS with
+    a ceiling below 1) to `metrics` and returns a caveat for each such recall; {} otherwise."""
+    n, shared, reachable = reachable_image_to_text(texts, text_image, RECALL_KS)
+    if shared == 0:
+        return {}
+    metrics["images_with_shared_captions"] = shared
+    caveats = {}
+    for k, ceiling in reachable.items():
+        if ceiling < 1:
+            metrics[f"image_to_text/reachable_recall@{k}"] = ceiling
+            caveats[f"image_to_text/recall@{k}"] = (
+                f"{shared} of {n} images have only captions that other images share word for "
+                f"word: identical texts tie with the image's own and ties count against the "
+                f"model, so no model exceeds {ceiling:.3g} here (low by construction, not a "
+                "model failure)"
+            )
+    return caveats
 
 
 def itm_rerank_section(before: RetrievalResult, after: RetrievalResult, k: int) -> Section:

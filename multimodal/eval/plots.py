@@ -41,25 +41,55 @@ def _unit_range(values: Sequence[float]) -> bool:
     return all(0.0 <= v <= 1.0 for v in finite)
 
 
+LABEL_STEP = 11  # points between stacked value labels (8 pt text and a gap)
+CLOSE = 0.12  # share of the y range within which two values' labels would touch
+
+
+def _label_offsets(values: Sequence[float], span: float) -> list[float]:
+    """Vertical offsets (points) of the value labels of the points at one K: the lowest
+    value's label below its point, the others above, each stacked one LABEL_STEP higher than
+    the label below it while their values are within CLOSE of the y range, so that no two
+    labels overlap."""
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    offsets = [0.0] * len(values)
+    offsets[order[0]] = -13.0
+    previous: tuple[float, float] | None = None  # (value, offset) of the label below
+    for i in order[1:]:
+        offset = 6.0
+        if previous is not None and abs(values[i] - previous[0]) < CLOSE * span:
+            offset = previous[1] + LABEL_STEP
+        offsets[i] = offset
+        previous = (values[i], offset)
+    if len(values) == 1:
+        offsets[order[0]] = 6.0
+    return offsets
+
+
 def recall_curve_figure(curves: Mapping[str, Mapping[int, float]], title: str) -> Figure:
-    """Recall@K against K, one line per direction (e.g. image->text), values annotated."""
+    """Recall@K against K, one line per direction (e.g. image->text), values annotated: at
+    each K the lowest value's label below its point and the others above, stacked where the
+    values are close (`_label_offsets`), so the labels never overlap."""
     fig = new_figure(6.0, 3.8)
     ax = fig.add_subplot()
     all_ks: set[int] = set()
     all_values: list[float] = []
-    for index, (name, curve) in enumerate(curves.items()):
+    for name, curve in curves.items():
         ks = sorted(curve)
         values = [curve[k] for k in ks]
         all_ks.update(ks)
         all_values.extend(values)
         ax.plot(ks, values, marker="o", label=name)
-        if len(ks) <= 10:
-            for k, v in zip(ks, values, strict=True):
+    if all(len(curve) <= 10 for curve in curves.values()):
+        finite = [v for v in all_values if np.isfinite(v)]
+        span = 1.0 if _unit_range(all_values) else (max(finite, default=1.0) or 1.0)
+        for k in sorted(all_ks):
+            points = [curve[k] for curve in curves.values() if k in curve]
+            for v, offset in zip(points, _label_offsets(points, span), strict=True):
                 ax.annotate(
                     f"{v:.3g}",
                     (k, v),
                     textcoords="offset points",
-                    xytext=(0, 6 if index % 2 == 0 else -13),
+                    xytext=(0, offset),
                     ha="center",
                     fontsize=8,
                 )

@@ -129,12 +129,16 @@ class Report:
             null (strict JSON).
         sections: shown after the metrics table, in order.
         meta: shown at the top (model, checkpoint, data paths, date...); values via str().
+        explanations: flattened metric name ("retrieval/image_to_text/recall@1") -> one line
+            saying what it is (and any caveat), shown next to the value in the metrics table
+            of summary.md and report.html (a third column, only when there are any).
     """
 
     title: str
     metrics: dict[str, Any] = field(default_factory=dict)
     sections: list[Section] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    explanations: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.title, str) or not self.title.strip():
@@ -146,6 +150,23 @@ class Report:
         for i, section in enumerate(self.sections):
             if not isinstance(section, Section):
                 raise ValueError(f"sections[{i}]: expected a Section, got {section!r}")
+        names = {name for name, _ in flatten_metrics(self.metrics)}
+        for name, text in self.explanations.items():
+            if name not in names or not isinstance(text, str):
+                raise ValueError(
+                    f"explanations[{name!r}]: expected a metric name of the report with a "
+                    f"string, got {text!r}"
+                )
+
+    def metric_rows(self) -> tuple[list[str], list[list[Any]]]:
+        """(columns, rows) of the metrics table: name and value, and what each metric is
+        when the report has explanations."""
+        flat = flatten_metrics(self.metrics)
+        if not self.explanations:
+            return ["metric", "value"], [[name, value] for name, value in flat]
+        return ["metric", "value", "what it is"], [
+            [name, value, self.explanations.get(name, "")] for name, value in flat
+        ]
 
 
 # --------------------------------------------------------------------------- images and cells
@@ -610,8 +631,8 @@ def render_markdown(report: Report) -> str:
         lines += [f"- **{_md(k)}**: {_md(format_value(v))}" for k, v in report.meta.items()]
         lines.append("")
     lines += ["## Metrics", ""]
-    flat = flatten_metrics(report.metrics)
-    lines += _md_table(["metric", "value"], flat) if flat else ["_No metrics._"]
+    columns, rows = report.metric_rows()
+    lines += _md_table(columns, rows) if rows else ["_No metrics._"]
     for section in report.sections:
         lines += ["", f"## {_md(section.title)}"]
         for block in section.blocks:
@@ -744,8 +765,8 @@ def render_html(report: Report) -> str:
     ]
     parts += ["<nav>" + "".join(links) + "</nav>", "<main>"]
     parts += ['<section id="metrics">', "<h2>Metrics</h2>"]
-    flat = flatten_metrics(report.metrics)
-    parts.append(_html_table(["metric", "value"], flat) if flat else "<p>No metrics.</p>")
+    columns, rows = report.metric_rows()
+    parts.append(_html_table(columns, rows) if rows else "<p>No metrics.</p>")
     parts.append("</section>")
     for i, section in enumerate(report.sections, 1):
         parts += [f'<section id="section-{i}">', f"<h2>{_e(section.title)}</h2>"]

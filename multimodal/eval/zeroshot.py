@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -264,6 +264,7 @@ def zeroshot_evaluate(
     precision: str = "fp32",
     progress: bool = True,
     top_k: Sequence[int] = (1, 5),
+    on_logits: Callable[[Tensor], None] | None = None,
 ) -> ZeroShotResult:
     """Zero-shot classification of labelled images with prompts built from class names.
 
@@ -281,6 +282,8 @@ def zeroshot_evaluate(
         precision: "fp32" (no autocast), "bf16" or "fp16" (autocast for both towers).
         progress: tqdm bars over the classifier and the image batches.
         top_k: the k of the top-k accuracies reported (1 and 5 always are).
+        on_logits: called with each batch's (B, C) cosine similarities, in data order (e.g.
+            to keep the top classes of the images a report shows).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
@@ -303,7 +306,10 @@ def zeroshot_evaluate(
         ):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 features = embed_images(model, images.to(device))  # (B, D)
-            metrics.update(zeroshot_logits(features, classifier), labels)
+            logits = zeroshot_logits(features, classifier)
+            metrics.update(logits, labels)
+            if on_logits is not None:
+                on_logits(logits)
     return metrics.compute(class_names)
 
 
