@@ -23,7 +23,7 @@ import torch
 
 from multimodal.data.shards_datamodules import ImageTextDataModule
 from multimodal.eval.caption_metrics import caption_metrics, cider_d_scores
-from multimodal.eval.evaluate import images_by_key
+from multimodal.eval.evaluate import attention_or_note, images_by_key, pixels_by_key, to_display
 from multimodal.eval.generation_eval import (
     PREDICTIONS_FILE,
     LoadedRun,
@@ -94,6 +94,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="beam search with N beams; 1: greedy (default: the task's generation settings)",
+    )
+    result.add_argument(
+        "--attention",
+        action="store_true",
+        help="add the attention of the best and worst examples: the rollout of the image tower "
+        "and each generated token's cross-attention (models with a vision.ViT image tower)",
     )
     return result
 
@@ -262,13 +268,29 @@ def caption_eval_main(argv: Sequence[str]) -> int:
     best, worst = best_and_worst(scores, args.examples)
     shown = [records[i].key for i in (*best, *worst)]
     transform = run.data.transform
-    images = images_by_key(loader(), shown, transform.mean, transform.std)
+    attention = []
+    if args.attention:  # the model's inputs of the examples, read once for both sections
+        pixels = pixels_by_key(loader(), list(dict.fromkeys(shown)))
+        images = {k: to_display(v, transform.mean, transform.std) for k, v in pixels.items()}
+        attention.append(
+            attention_or_note(
+                run.task.model,
+                pixels,
+                transform.mean,
+                transform.std,
+                tokenizer=run.data.tokenizer,
+                title="Attention of the best and worst examples",
+            )
+        )
+    else:
+        images = images_by_key(loader(), shown, transform.mean, transform.std)
     report = Report(
         title="Captioning",
         metrics={"caption": metrics},
         sections=[
             definitions_section(),
             *example_sections(records, scores, images, best, worst),
+            *attention,
         ],
         meta=run_meta(run, args, generation=describe_generation(generation)),
     )

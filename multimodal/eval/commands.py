@@ -118,6 +118,11 @@ def zeroshot_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--examples", type=int, default=16, metavar="N", help="example images in the report (16)"
     )
+    parser.add_argument(
+        "--attention",
+        action="store_true",
+        help="add the attention rollout of the example images (models with a vision.ViT tower)",
+    )
     probes = parser.add_argument_group("linear probe and k-NN (optional)")
     probes.add_argument(
         "--linear-probe",
@@ -406,6 +411,7 @@ def zeroshot_main(argv: Sequence[str]) -> int:
             loaded, loaders, classes, templates,
             precision=args.precision, text_batch_size=args.batch_size,
             n_examples=args.examples, progress=not args.no_progress,
+            attention=args.attention,
         )  # fmt: skip
         metrics: dict[str, Any] = {"zeroshot": run.metrics}
         sections = list(run.sections)

@@ -159,6 +159,58 @@ def images_by_key(
     return found
 
 
+def pixels_by_key(loader: EvalLoader, keys: Sequence[str]) -> dict[str, Tensor]:
+    """The normalised model inputs (3, H, W) of `keys` (CPU), read from a fresh pass over the
+    data that stops once every key is found; for an attention section's forward passes."""
+    wanted = set(keys)
+    found: dict[str, Tensor] = {}
+    if not wanted:
+        return found
+    for batch in loader:
+        for key, image in zip(batch["keys"], batch["images"], strict=True):
+            if key in wanted:
+                found[key] = image.detach().cpu().clone()
+        if len(found) == len(wanted):
+            break
+    missing = wanted - set(found)
+    if missing:
+        raise RuntimeError(f"samples {sorted(missing)[:5]} were not found in a second pass")
+    return {key: found[key] for key in dict.fromkeys(keys)}
+
+
+def attention_or_note(
+    model: Any,
+    pixels: dict[str, Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    tokenizer: Any = None,
+    title: str = "Attention",
+) -> Section:
+    """`multimodal.inspect.attention_section` of the images `pixels` (key -> normalised
+    (3, H, W)) for a model whose image tower is our `vision.ViT` (the tower that returns its
+    attention weights); for any other model a section with one line saying why there is none."""
+    from multimodal.inspect.maps import image_tower
+    from multimodal.inspect.report_section import attention_section
+
+    try:
+        tower = image_tower(model)
+    except ValueError as error:
+        return Section(title, [Text(f"No attention maps: {error}.")])
+    device = next(tower.parameters()).device
+    keys = list(pixels)
+    with eval_mode(model):
+        return attention_section(
+            model,
+            torch.stack([pixels[k] for k in keys]).to(device),
+            mean,
+            std,
+            keys,
+            tokenizer=tokenizer,
+            title=title,
+        )
+
+
 @dataclass
 class _KeyRecorder:
     """Iterates a loader, recording the sample keys in order (and keeping its length)."""
@@ -202,10 +254,12 @@ def run_zeroshot(
     text_batch_size: int = 256,
     n_examples: int = 16,
     progress: bool = True,
+    attention: bool = False,
 ) -> ZeroShotRun:
     """Zero-shot classification of the labelled images of `loaders()` with prompts made from
     `class_names` and `templates`; sections: per-class accuracy, confusion matrix and example
-    images with their predicted and true class (the wrong predictions first)."""
+    images with their predicted and true class (the wrong predictions first) and, with
+    `attention`, the attention rollout of the example images (`attention_or_note`)."""
     keys: list[str] = []
     loader = loaders()
     scale = logit_scale(loaded.model)
@@ -251,7 +305,21 @@ def run_zeroshot(
     ]
     if n_examples > 0:
         top = (torch.cat(top_classes), torch.cat(top_probs))
-        sections.append(_zeroshot_examples(loaded, loaders, result, keys, n_examples, top, scale))
+        chosen = [keys[i] for i in zeroshot_example_indices(result, n_examples)[0]]
+        pixels = pixels_by_key(loaders(), chosen) if attention else None
+        sections.append(
+            _zeroshot_examples(loaded, loaders, result, keys, n_examples, top, scale, pixels)
+        )
+        if pixels is not None:
+            sections.append(
+                attention_or_note(
+                    loaded.model,
+                    pixels,
+                    loaded.mean,
+                    loaded.std,
+                    title="Zero-shot: attention of the example images",
+                )
+            )
     return ZeroShotRun(result, metrics, sections)
 
 
@@ -286,9 +354,13 @@ def _zeroshot_examples(
     n_examples: int,
     top: tuple[Tensor, Tensor],
     scale: float,
+    pixels: dict[str, Tensor] | None = None,
 ) -> Section:
     chosen, n_wrong = zeroshot_example_indices(result, n_examples)
-    images = images_by_key(loaders(), [keys[i] for i in chosen], loaded.mean, loaded.std)
+    if pixels is None:
+        images = images_by_key(loaders(), [keys[i] for i in chosen], loaded.mean, loaded.std)
+    else:  # already read for the attention section
+        images = {key: to_display(image, loaded.mean, loaded.std) for key, image in pixels.items()}
     names = result.class_names
     top_classes, top_probs = top
     rows = [

@@ -26,6 +26,7 @@ from multimodal.eval.loading import load_model
 from multimodal.eval.metric_notes import reachable_image_to_text
 from multimodal.eval.plots import recall_curve_figure
 from multimodal.eval.zeroshot import embed_images, render_prompts, zeroshot_classifier
+from tests.eval.test_generation_eval import caption_run  # noqa: F401 (fixture)
 from tests.export.conftest import few_digits, tiny_checkpoint  # noqa: F401 (fixtures)
 
 DIGITS = 10
@@ -245,3 +246,77 @@ def test_explanations_must_name_metrics_and_add_a_column_only_when_given(tmp_pat
     assert "| metric | value |" in plain and "what it is" not in plain
     explained = render_markdown(Report("t", metrics={"a": {"b": 1}}, explanations={"a/b": "x"}))
     assert "| metric | value | what it is |" in explained and "| a/b | 1 | x |" in explained
+
+
+# --------------------------------------------------------------------------- attention section
+
+
+def _section(summary: str, title: str) -> str:
+    assert f"## {title}" in summary, title
+    return summary.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def _generation_args(checkpoint, config, data, out) -> list[str]:
+    return [
+        "--checkpoint", str(checkpoint), "--config", str(config), "--data", str(data),
+        "--out", str(out), "--num-workers", "0", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+
+
+def _keys(block: str, column: int) -> list[str]:
+    rows = [line for line in block.splitlines() if line.startswith("| ")][1:]  # no header
+    return [[c.strip() for c in row.split("|")[1:-1]][column] for row in rows]
+
+
+def test_zeroshot_attention_section_shows_the_example_images(reports, few_digits, tmp_path):  # noqa: F811
+    assert "attention" not in (reports["zeroshot"] / "summary.md").read_text().lower()
+    out = tmp_path / "attention"
+    args = _common(reports["checkpoint"], reports["config"], few_digits, out)
+    assert zeroshot_main([*args, "--examples", "4", "--attention"]) == 0
+    summary = (out / "summary.md").read_text()
+    examples = _keys(_section(summary, "Zero-shot: examples"), 1)
+    attention = _section(summary, "Zero-shot: attention of the example images")
+    assert "Attention rollout of the image tower" in attention
+    assert _keys(attention, 0) == examples and len(examples) == 4
+    html = (out / "report.html").read_text()
+    # each example: its image in the examples table, its image and rollout in the attention one
+    assert html.count('src="data:image/png;base64,') >= 3 * 4
+
+
+def test_a_model_without_a_vit_tower_gets_a_one_line_note():
+    from torch import nn
+
+    from multimodal.eval.evaluate import attention_or_note
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image_tower = nn.Linear(3, 3)
+
+    section = attention_or_note(Tower(), {"k": torch.zeros(3, 4, 4)}, (0, 0, 0), (1, 1, 1))
+    (note,) = section.blocks
+    assert note.text.startswith("No attention maps: attention maps need a vision.ViT image tower")
+    assert "\n" not in note.text
+
+
+def test_caption_eval_attention_section_for_best_and_worst(caption_run, tmp_path):  # noqa: F811
+    from multimodal.eval.caption_eval import caption_eval_main
+
+    checkpoint, config, shards, _ = caption_run
+    out = tmp_path / "caption"
+    args = _generation_args(checkpoint, config, shards, out)
+    assert caption_eval_main([*args, "--examples", "2", "--attention"]) == 0
+    summary = (out / "summary.md").read_text()
+    shown = _keys(_section(summary, "Best captions by CIDEr-D"), 1)
+    shown += _keys(_section(summary, "Worst captions by CIDEr-D"), 1)
+    attention = _section(summary, "Attention of the best and worst examples")
+    assert _keys(attention.split("**Where")[0], 0) == list(dict.fromkeys(shown))
+    assert "Where the decoder looked when it generated each token" in attention
+    metrics = json.loads((out / "metrics.json").read_text())
+    plain = tmp_path / "plain"
+    assert (
+        caption_eval_main([*_generation_args(checkpoint, config, shards, plain), "--examples", "2"])
+        == 0
+    )
+    assert "Attention" not in (plain / "summary.md").read_text()
+    assert json.loads((plain / "metrics.json").read_text())["caption"] == metrics["caption"]
