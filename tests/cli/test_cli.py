@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.run_cases import run_cases
 from tests.helpers import ROOT, fit_briefly, run
 
 SUITES = sorted((ROOT / "configs/eval").glob("*.yaml"))  # `multimodal benchmark --tasks`
@@ -33,11 +34,20 @@ def test_demo_and_evaluation_commands_have_help():
     assert "--epochs" in result.stdout and "report" in result.stdout
 
 
+@pytest.fixture(scope="module")
+def printed_configs(tmp_path_factory) -> dict[Path, dict]:
+    """`multimodal fit --config C --print_config` of every config, in one interpreter (one
+    start-up for all: tests/cli/run_cases.py)."""
+    cases = [["fit", "--config", str(c), "--print_config"] for c in CONFIGS]
+    results = run_cases(cases, tmp_path_factory.mktemp("print_config"))
+    return dict(zip(CONFIGS, results, strict=True))
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT)) for c in CONFIGS])
-def test_every_config_parses(config):
-    result = run("fit", "--config", str(config), "--print_config")
-    assert result.returncode == 0, result.stderr
-    assert "class_path" in result.stdout
+def test_every_config_parses(config, printed_configs):
+    result = printed_configs[config]
+    assert result["status"] == 0, result["stderr"][-3000:]
+    assert "class_path" in result["stdout"]
 
 
 @pytest.mark.parametrize("suite", SUITES, ids=[str(c.relative_to(ROOT)) for c in SUITES])
