@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from multimodal.checkpoint_check import check_torch_file
 from multimodal.eval import class_names as names
+from multimodal.eval.arguments import run_arguments
 from multimodal.eval.benchmark_embed import EmbedPool, RunOptions, embed_data
 from multimodal.eval.benchmark_report import benchmark_report, json_safe, leaderboard_tables
 from multimodal.eval.benchmark_suite import Suite, SuiteTask, load_suite
@@ -542,19 +543,7 @@ def benchmark_parser() -> argparse.ArgumentParser:
         help="processes that embed each dataset, a contiguous slice each (1); with --device "
         "cuda, GPUs 0..N-1",
     )
-    parser.add_argument(
-        "--batch-size", type=int, default=256, metavar="N", help="images or texts a batch (256)"
-    )
-    parser.add_argument(
-        "--num-workers", type=int, default=2, metavar="N", help="data loader workers (2)"
-    )
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda, cuda:1, cpu... (cuda when available)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run_arguments(parser, batch_size=256)
     return parser
 
 

@@ -18,30 +18,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from multimodal.checkpoint_check import check_torch_file
 from multimodal.eval import class_names as names
+from multimodal.eval.arguments import checkpoint_arguments, run_arguments
 from multimodal.eval.datasets import EXPECTED_SPEC, ImageSamples, open_samples, parse_spec
 from multimodal.eval.evaluate import CAPTIONS, eval_loader, run_probes, run_retrieval, run_zeroshot
 from multimodal.eval.generation_eval import file_sha256, package_versions
 from multimodal.eval.loading import LoadedModel, load_model
 from multimodal.eval.metric_notes import explain
 from multimodal.eval.report import Report, flatten_metrics, format_value, write_report
-from multimodal.eval.zeroshot import PRECISIONS
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--checkpoint",
-        metavar="FILE",
+    checkpoint_arguments(
+        group,
+        required=False,
         help="a `multimodal fit` checkpoint (.ckpt), or with --open-clip a local state dict",
-    )
-    group.add_argument(
-        "--config",
-        metavar="YAML",
-        help="the fit config of the checkpoint (default: the config.yaml saved with the run)",
     )
     group.add_argument(
         "--open-clip", metavar="NAME", help="an open_clip architecture (e.g. ViT-B-32)"
@@ -59,24 +52,7 @@ def _data_arguments(parser: argparse.ArgumentParser, out: str) -> None:
         help=f"shards (a folder, brace pattern or list) or a data spec: {EXPECTED_SPEC}",
     )
     parser.add_argument("--out", default=out, metavar="DIR", help=f"report folder ({out})")
-    parser.add_argument(
-        "--batch-size", type=int, default=256, metavar="N", help="images or texts a batch (256)"
-    )
-    parser.add_argument(
-        "--num-workers", type=int, default=2, metavar="N", help="data loader workers (2)"
-    )
-    parser.add_argument(
-        "--precision",
-        choices=list(PRECISIONS),
-        default="fp32",
-        help="autocast dtype of the forward passes (fp32: none)",
-    )
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda, cuda:1, cpu... (cuda when available)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run_arguments(parser, batch_size=256)
 
 
 def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *fields: str) -> None:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from multimodal.checkpoint_check import check_torch_file
 from multimodal.data.pipeline import ShardLoader, ShardPipelineConfig, build_pipeline
+from multimodal.eval.arguments import checkpoint_arguments, run_arguments
 from multimodal.eval.loading import instantiate_model_and_data
 from multimodal.eval.zeroshot import PRECISIONS
 from multimodal.tasks.loading import RUN_CONFIG, find_run_config, read_config_file
@@ -45,39 +46,15 @@ def common_parser(prog: str, description: str, out: str) -> argparse.ArgumentPar
     """The arguments of both commands: checkpoint, config, data, report folder, loader and
     device settings, examples."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument(
-        "--checkpoint", required=True, metavar="FILE", help="a `multimodal fit` checkpoint"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="YAML",
-        help="the fit config of the checkpoint (default: the config.yaml saved with the run)",
-    )
+    checkpoint_arguments(parser)
     parser.add_argument(
         "--data", required=True, metavar="SHARDS", help="shards: a folder, brace pattern or list"
     )
     parser.add_argument("--out", default=out, metavar="DIR", help=f"report folder ({out})")
-    parser.add_argument(
-        "--batch-size", type=int, default=64, metavar="N", help="items a batch (64)"
-    )
-    parser.add_argument(
-        "--num-workers", type=int, default=2, metavar="N", help="data loader workers (2)"
-    )
+    run_arguments(parser, batch_size=64, items="items")
     parser.add_argument(
         "--examples", type=int, default=8, metavar="N", help="examples a table in the report (8)"
     )
-    parser.add_argument(
-        "--precision",
-        choices=list(PRECISIONS),
-        default="fp32",
-        help="autocast dtype of the forward passes (fp32: none)",
-    )
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda, cuda:1, cpu... (cuda when available)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from multimodal.checkpoint_check import check_torch_file
 from multimodal.eval import class_names as names
+from multimodal.eval.arguments import checkpoint_arguments
 from multimodal.eval.loading import LoadedModel, load_model
 from multimodal.export.export import FORMATS, export_towers
 from multimodal.export.quantize import (
@@ -42,17 +43,6 @@ def _fail(prog: str, error: Exception) -> int:
     return EXIT_BAD_INPUT
 
 
-def _checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint", required=True, metavar="FILE", help="a `multimodal fit` checkpoint"
-    )
-    parser.add_argument(
-        "--config",
-        metavar="YAML",
-        help="the fit config of the checkpoint (default: the config.yaml saved with the run)",
-    )
-
-
 def _load(args: argparse.Namespace) -> LoadedModel:
     check_torch_file(args.checkpoint)  # a text file or random bytes: say so before torch reads it
     return load_model(args.checkpoint, config=args.config, device="cpu")
@@ -68,7 +58,7 @@ def export_parser() -> argparse.ArgumentParser:
             "length, tokenizer) and checks each file against the eager model."
         ),
     )
-    _checkpoint_arguments(parser)
+    checkpoint_arguments(parser)
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="pt2 or onnx")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
@@ -124,7 +114,7 @@ def quantize_parser() -> argparse.ArgumentParser:
             "metrics.json, summary.md, report.html)."
         ),
     )
-    _checkpoint_arguments(parser)
+    checkpoint_arguments(parser)
     parser.add_argument("--out", required=True, metavar="FILE", help="the int8 model file")
     group = parser.add_argument_group("zero-shot check (optional)")
     group.add_argument("--data", metavar="SHARDS", help="labelled shards to evaluate on")

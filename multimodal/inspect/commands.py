@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from multimodal.eval.arguments import checkpoint_arguments, device_argument
 from multimodal.inspect.maps import (
     can_compare_texts,
     caption_attention,
@@ -84,12 +84,7 @@ def parser() -> argparse.ArgumentParser:
             "written as PNG overlays with DIR/index.html and DIR/attention.json."
         ),
     )
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a `multimodal fit` .ckpt")
-    p.add_argument(
-        "--config",
-        metavar="YAML",
-        help="the fit config of the checkpoint (default: the config.yaml saved with the run)",
-    )
+    checkpoint_arguments(p)
     p.add_argument(
         "--images", required=True, nargs="+", metavar="PATH", help="image files or folders"
     )
@@ -128,11 +123,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the heatmap (0.5)")
     p.add_argument("--colormap", default=DEFAULT_COLORMAP, help="matplotlib colormap (jet)")
-    p.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda, cuda:1, cpu... (cuda when available)",
-    )
+    device_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
