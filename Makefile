@@ -37,6 +37,7 @@ bench: install
 	$(PY) bench/fsdp.py
 	$(PY) bench/adapt.py
 	$(PY) bench/inference.py
+	$(PY) bench/suite.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
