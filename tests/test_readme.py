@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -157,6 +158,24 @@ def test_every_skip_names_a_readme_command():
     assert not stale, f"skips that match no README command: {stale}"
 
 
+def run_command(text: str, cwd: Path, env: dict[str, str]) -> tuple[int | str, str]:
+    """(exit status, stdout + stderr) of one command run by bash in its own process group.
+    A command still running after TIMEOUT_S is killed with every process it started (the
+    ranks of a DDP run too, which would otherwise be left behind) and reported with what it
+    printed, and the remaining commands still run."""
+    process = subprocess.Popen(
+        ["bash", "-c", text], cwd=cwd, env=env, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        return process.returncode, stdout + stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        return f"timeout after {TIMEOUT_S} s", stdout + stderr
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs_verbatim(tmp_path):
     workdir = repo_copy(tmp_path / "repo")
@@ -176,19 +195,12 @@ def test_every_readme_command_runs_verbatim(tmp_path):
             continue
         seen.add(command.one_line)
         start = time.perf_counter()
-        result = subprocess.run(
-            ["bash", "-c", command.text],
-            cwd=workdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
+        returncode, output = run_command(command.text, workdir, env)
         elapsed = time.perf_counter() - start
-        report.append(f"rc={result.returncode} {elapsed:5.1f} s README:{command.line} "
+        report.append(f"rc={returncode} {elapsed:5.1f} s README:{command.line} "
                       f"{command.one_line}")  # fmt: skip
-        if result.returncode != 0:
-            tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+        if returncode != 0:
+            tail = output.strip().splitlines()[-15:]
             failures.append(f"README:{command.line} {command.one_line}\n  " + "\n  ".join(tail))
     print("\n".join(report), f"\ntotal {time.perf_counter() - total:.0f} s")
     assert not failures, "README commands failed:\n\n" + "\n\n".join(failures)
