@@ -397,9 +397,11 @@ class _ShardDataModule(LightningDataModule):
                 training=True,
             )
         }
-        if val_urls is not None:  # every sample once over all ranks, in order
-            self.configs["val"] = ShardPipelineConfig(
-                urls=val_urls,
+
+        def evaluation_config(urls: Any) -> ShardPipelineConfig:
+            """Every item once over all ranks, in order (validation and prediction)."""
+            return ShardPipelineConfig(
+                urls=urls,
                 batch_size=val_batch_size or batch_size,
                 shuffle_shards=False,
                 shuffle_buffer=0,
@@ -407,24 +409,16 @@ class _ShardDataModule(LightningDataModule):
                 training=False,
                 one_item_per_sample=one_val_item_per_sample,
             )
+
+        if val_urls is not None:
+            self.configs["val"] = evaluation_config(val_urls)
         if predict_urls is not None and not predict_urls:
             raise ValueError(f"predict_urls={predict_urls!r} is empty; expected shard URLs or None")
         if predict_urls is not None and predict_images is not None:
             raise ValueError("predict_urls and predict_images are both set; give one of them")
         self.predict_images = predict_images
         predict_from = predict_urls if predict_urls is not None else val_urls
-        if predict_from is not None:  # as validation: every item once over all ranks, in order
-            self.predict_config = ShardPipelineConfig(
-                urls=predict_from,
-                batch_size=val_batch_size or batch_size,
-                shuffle_shards=False,
-                shuffle_buffer=0,
-                seed=seed,
-                training=False,
-                one_item_per_sample=one_val_item_per_sample,
-            )
-        else:
-            self.predict_config = None
+        self.predict_config = None if predict_from is None else evaluation_config(predict_from)
         self.predict_batch_size = val_batch_size or batch_size
 
     @property
