@@ -161,7 +161,7 @@ def write_demo_shards(
         variant: "digits" (dark digits on white, captions that name the digit) or "instances"
             (coloured digits placed and sized at random, captions that name all of it).
         image_size: side of the rendered images in pixels (digits: 32, 64 for larger towers;
-            instances: 48).
+            instances: 32).
         samples_per_shard: most samples per shard (the last one of a split holds the rest).
         seed: the split and the choice of each sample's `txt`.
         overwrite: replace a demo already written to `out_dir`.
@@ -174,6 +174,7 @@ def write_demo_shards(
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} must be one of {list(VARIANTS)}")
     extra_texts: list[str] = []
+    total = DEMO_SIZE
     if variant == "instances":
         from multimodal.data import instances  # imports this module
 
@@ -181,6 +182,7 @@ def write_demo_shards(
             image_size=image_size or instances.IMAGE_SIZE, seed=seed
         )
         prefix, extra_texts = instances.PREFIX, instances.instance_corpus()
+        total = instances.instance_count(seed=seed)
     else:
         image_size = image_size or 32
         if image_size < 8:
@@ -194,7 +196,7 @@ def write_demo_shards(
         max_samples=samples_per_shard,
         overwrite=overwrite,
         progress=progress,
-        total=DEMO_SIZE,
+        total=total,
     )
     write_demo_tokenizer(out_dir, extra_texts)
     return summaries

@@ -29,11 +29,9 @@ def samples() -> list[dict]:
 
 def expected_caption(label: int, attributes: dict[str, str]) -> str:
     """The caption written out by hand from the attributes (not by DigitInstance.caption)."""
-    position = attributes["position"]
-    where = "in the center" if position == "center" else f"at the {position}"
     return (
-        f"a {attributes['size']} {attributes['colour']} {DIGIT_NAMES[label]} {where} "
-        f"on a {attributes['background']} background"
+        f"a {attributes['size']} {attributes['colour']} {DIGIT_NAMES[label]} at the "
+        f"{attributes['position']} on a {attributes['background']} background"
     )
 
 
@@ -41,10 +39,23 @@ def nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> str:
     return min(table, key=lambda name: float(np.abs(rgb - np.asarray(table[name])).sum()))
 
 
+def ink_colour(pixel: np.ndarray, background: np.ndarray) -> str:
+    """The ink whose blend with the background passes nearest `pixel`: a stroke pixel is
+    background + alpha * (ink - background), and at 16 px even the inkiest pixel of a scan
+    may have alpha < 1 (black ink then reads as a dark grey, nearer brown than black)."""
+
+    def residual(name: str) -> float:
+        direction = np.asarray(inst.COLOURS[name], float) - background
+        alpha = np.clip((pixel - background) @ direction / (direction @ direction), 0, 1)
+        return float(np.abs(pixel - background - alpha * direction).sum())
+
+    return min(inst.COLOURS, key=residual)
+
+
 def measured_attributes(image: np.ndarray) -> dict[str, str]:
     """Colour, size, position and background read off the pixels: the background is the most
-    frequent colour, ink the pixels far from it (colour: the inkiest pixel), size and position
-    from the ink's bounding box against the image side."""
+    frequent colour, ink the pixels far from it (colour: the inkiest pixel, `ink_colour`),
+    size and position from the ink's bounding box against the image side."""
     side = image.shape[0]
     pixels = image.reshape(-1, 3).astype(int)
     values, counts = np.unique(pixels, axis=0, return_counts=True)
@@ -53,14 +64,17 @@ def measured_attributes(image: np.ndarray) -> dict[str, str]:
     ys, xs = np.nonzero(distance > 60)
     ink = image[np.unravel_index(distance.argmax(), distance.shape)].astype(int)
     box = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
-    centre = ((xs.min() + xs.max()) / 2 / side, (ys.min() + ys.max()) / 2 / side)
-    # digit centres: 0.23 / 0.5 / 0.77 of the side (small), 0.35 / 0.5 / 0.65 (large)
-    column = "left" if centre[0] < 0.43 else "right" if centre[0] > 0.57 else "middle"
-    row = "top" if centre[1] < 0.43 else "bottom" if centre[1] > 0.57 else "middle"
-    position = "center" if (row, column) == ("middle", "middle") else f"{row} {column}"
+    # the ink's centre of mass: the scans are centred in their box, whose centre is at 0.25 /
+    # 0.75 of the side (small) or 0.375 / 0.625 (large, only 8 px from one corner to the other)
+    weights = distance / distance.sum()
+    grid = (np.arange(side) + 0.5) / side
+    centre = ((weights.sum(0) * grid).sum(), (weights.sum(1) * grid).sum())
+    column = "left" if centre[0] < 0.5 else "right"
+    row = "top" if centre[1] < 0.5 else "bottom"
+    position = f"{row} {column}"
     small, large = (inst.digit_side(s, side) for s in ("small", "large"))
     return {
-        "colour": nearest(ink, inst.COLOURS),
+        "colour": ink_colour(ink.astype(float), background.astype(float)),
         "size": "small" if box <= (small + large) / 2 else "large",
         "position": position,
         "background": nearest(background, inst.BACKGROUNDS),
@@ -95,8 +109,8 @@ def test_the_digit_is_the_scan_of_its_label(samples):
     digits = load_digits()
     scans = digits.images.reshape(len(digits.images), 64)
     scans = (scans - scans.mean(1, keepdims=True)) / scans.std(1, keepdims=True)  # (N, 64)
-    for index in range(0, len(samples), 97):
-        sample = samples[index]
+    for sample in samples[::97]:  # first renderings and training re-renderings
+        index = int(sample["__key__"].split("-")[1])  # the scan
         image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")).astype(float)
         meta = sample["json"]
         background = np.asarray(inst.BACKGROUNDS[meta["attributes"]["background"]], float)
@@ -111,8 +125,9 @@ def test_the_digit_is_the_scan_of_its_label(samples):
 
 
 def test_every_caption_is_unique_and_the_training_captions_vary(samples):
-    assert len(samples) == 1797
-    assert len({s["txt"] for s in samples}) == len(samples)
+    assert len(samples) == inst.instance_count() == 1797 + (inst.TRAIN_RENDERS - 1) * 1257
+    held_out = [s for s in samples if s["json"]["split"] != "train"]
+    assert len({s["txt"] for s in held_out}) == len(held_out) == 540  # retrieval's captions
     assert len({s["png"] for s in samples}) == len(samples)
     for sample in samples:
         meta, caption = sample["json"], sample["txt"]
@@ -134,33 +149,63 @@ def test_every_caption_is_unique_and_the_training_captions_vary(samples):
             ]
 
 
+def test_training_renders_each_scan_several_times_a_share_in_black_on_white(samples):
+    train = [s for s in samples if s["json"]["split"] == "train"]
+    by_scan: dict[str, list[dict]] = {}
+    for sample in train:
+        by_scan.setdefault(sample["__key__"][: len("instances-000000")], []).append(sample)
+    assert len(by_scan) == 1257
+    assert {len(renders) for renders in by_scan.values()} == {inst.TRAIN_RENDERS}
+    for scan, renders in by_scan.items():
+        keys = [s["__key__"] for s in renders]
+        assert keys == [scan] + [f"{scan}-r{r}" for r in range(1, inst.TRAIN_RENDERS)]
+        assert len({s["json"]["label"] for s in renders}) == 1
+    on_paper = [
+        s["json"]["attributes"]["colour"] == "black"
+        and s["json"]["attributes"]["background"] == "white"
+        for s in train
+    ]
+    # drawn with probability INK_ON_PAPER_SHARE, plus the uniform draws that land there (1/28)
+    expected = inst.INK_ON_PAPER_SHARE + (1 - inst.INK_ON_PAPER_SHARE) / 28
+    assert abs(np.mean(on_paper) - expected) < 0.02
+    held_out = [s["json"]["attributes"] for s in samples if s["json"]["split"] != "train"]
+    share = np.mean([a["colour"] == "black" and a["background"] == "white" for a in held_out])
+    assert share < 0.1  # evaluation draws every combination alike
+    none = list(inst.instance_samples(train_renders=1, ink_on_paper_share=0.0))
+    assert len(none) == 1797
+    with pytest.raises(ValueError, match="train_renders=0"):
+        next(inst.instance_samples(train_renders=0))
+    with pytest.raises(ValueError, match="ink_on_paper_share=1.5"):
+        next(inst.instance_samples(ink_on_paper_share=1.5))
+
+
 def test_the_split_is_the_plain_demo_split(samples):
     expected = split_indices(1797, 0.15, 0.15, seed=0)
-    for split, indices in expected.items():
+    for split, indices in expected.items():  # the first rendering of each scan
         keys = [s["__key__"] for s in samples if s["json"]["split"] == split]
-        assert keys == [f"instances-{i:06d}" for i in indices]
+        assert [k for k in keys if "-r" not in k] == [f"instances-{i:06d}" for i in indices]
 
 
 def test_attribute_combinations_are_distinct_within_each_digit():
-    labels = np.repeat(np.arange(10), 200)  # 200 images a digit, 210 combinations
+    labels = np.repeat(np.arange(10), 200)  # 200 images a digit, 224 combinations
     drawn = inst.draw_instances(labels, np.random.default_rng(0))
     for label in range(10):
         combos = [(d.colour, d.size, d.position, d.background) for d in drawn if d.label == label]
         assert len(combos) == len(set(combos)) == 200
-    assert len(inst.attribute_combinations()) == 210
+    assert len(inst.attribute_combinations()) == 224
     more = inst.draw_instances(np.zeros(300, dtype=int), np.random.default_rng(0))
     counts = {}
-    for d in more:  # past 210 images the combinations repeat, at most twice each
+    for d in more:  # past 224 images the combinations repeat, at most twice each
         key = (d.colour, d.size, d.position, d.background)
         counts[key] = counts.get(key, 0) + 1
-    assert len(counts) == 210 and max(counts.values()) == 2
+    assert len(counts) == 224 and max(counts.values()) == 2
 
 
 def test_bad_instances_name_the_field():
     with pytest.raises(ValueError, match="DigitInstance.colour='pink'"):
-        inst.DigitInstance(3, "pink", "small", "center", "grey")
+        inst.DigitInstance(3, "pink", "small", "top left", "grey")
     with pytest.raises(ValueError, match="DigitInstance.label=10"):
-        inst.DigitInstance(10, "red", "small", "center", "grey")
+        inst.DigitInstance(10, "red", "small", "top left", "grey")
     with pytest.raises(ValueError, match="image_size=12"):
         next(inst.instance_samples(image_size=12))
     with pytest.raises(ValueError, match="variant='instance'"):
@@ -186,7 +231,7 @@ def test_the_cli_writes_the_instance_shards_and_tokenizer(tmp_path):
     assert result.returncode == 0, result.stderr
     splits = split_indices(1797, 0.15, 0.15, seed=0)
     for split, indices in splits.items():
-        written = read_split(out / split)
+        written = [k for k in read_split(out / split) if "-r" not in k]  # first renderings
         assert sorted(written) == [f"instances-{i:06d}" for i in indices]
     sample = read_split(out / "test")[f"instances-{splits['test'][0]:06d}"]
     assert Image.open(io.BytesIO(sample["png"])).size == (40, 40)
