@@ -7,8 +7,8 @@ full suite. Prints times and ratios measured in the same run; never a timed test
 Models: 4 randomly initialised tiny CLIPs of configs/clip/digits.yaml (1 layer, width 32;
 seeds 0-3) saved as fit checkpoints. Data, written here from scikit-learn's digits (other scans
 in each): shards (captions and labels), an ImageFolder tree and a CSV (captions and labels),
---per-class images a class each (58, the default: all the digits, 3 x 580 of 1,797 scans). The suite: zero-shot on the three, retrieval on the shards and
-the CSV (5 cells a model).
+--per-class images a class each (58, the default: all the digits, 3 x 580 of 1,797 scans).
+The suite: zero-shot on the three, retrieval on the shards and the CSV (5 cells a model).
 
 - separate: the 15 cells of 3 models as 15 in-process calls of zeroshot_main / retrieval_main
   (each loads its model, embeds its data and writes its report, as a user running them would).
