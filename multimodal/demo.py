@@ -8,7 +8,7 @@ held out of training, and image-text retrieval. `--variant instances` uses the
 instance-level digits instead (`multimodal.data.instances`: each digit drawn in a colour,
 size, position and background that its unique caption names) and
 `configs/clip/digits_instances.yaml`: retrieval then has one right caption per image
-(R@1 0.80 / 0.77 and zero-shot 0.885 in 212 s on 2 cores: under the plain demo's zero-shot
+(R@1 0.80 / 0.77 and zero-shot 0.885 in 231 s on 2 cores: under the plain demo's zero-shot
 accuracy and the 0.90 we ask of the demo, so not the default).
 Both go into one report, `<out>/report/report.html` (with metrics.json and summary.md).
 """
