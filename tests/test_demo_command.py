@@ -52,6 +52,8 @@ def test_demo_refuses_arguments_that_are_not_config_overrides(capsys):
 
 
 def test_demo_names_the_missing_config(monkeypatch):
-    monkeypatch.setattr(demo, "CONFIG", demo.CONFIG.with_name("no-such-config.yaml"))
+    missing = dict(demo.CONFIGS)
+    missing[demo.VARIANT] = missing[demo.VARIANT].with_name("no-such-config.yaml")
+    monkeypatch.setattr(demo, "CONFIGS", missing)
     with pytest.raises(FileNotFoundError, match="no-such-config.yaml.*checkout"):
         demo.main(["--epochs", "1"])
