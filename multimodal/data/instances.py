@@ -252,11 +252,18 @@ def instance_samples(
             yield {"__key__": key, "png": png, "txt": caption, "json": meta}
 
 
-def instance_count(train_renders: int = TRAIN_RENDERS, seed: int = 0) -> int:
-    """How many samples `instance_samples` yields (for progress bars)."""
+def instance_count(
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    train_renders: int = TRAIN_RENDERS,
+) -> int:
+    """How many samples `instance_samples` yields with the same arguments (for progress
+    bars): every scan once, and the training scans `train_renders - 1` times more."""
     _, labels = load_digit_images(8)
-    n_train = len(split_indices(len(labels), 0.15, 0.15, seed=seed)["train"])
-    return len(labels) + (train_renders - 1) * n_train
+    splits = split_indices(len(labels), val_fraction, test_fraction, seed=seed)
+    return len(labels) + (train_renders - 1) * len(splits["train"])
 
 
 def _training_captions(instance: DigitInstance, rng: np.random.Generator) -> list[str]:
