@@ -400,7 +400,7 @@ def zeroshot_main(argv: Sequence[str]) -> int:
                 ),
                 loaders,
                 len(classes),
-                zeroshot_top1=run.metrics["top1"],
+                zeroshot_top1=run.metrics["top1"], zeroshot_classifier=run.result.classifier,
                 knn_k=args.knn, knn_shots=args.knn_shots, seed=args.probe_seed,
                 precision=args.precision, progress=not args.no_progress,
             )  # fmt: skip

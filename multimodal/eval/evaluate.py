@@ -724,6 +724,9 @@ PROBE_DEFINITIONS = {
     "linear probe": "multinomial logistic regression on the frozen (standardised) image "
     "features of the training data, L2 strength chosen on a validation split of it (CLIP's "
     "protocol).",
+    "zero-shot prior": "the same, its weights pulled towards the zero-shot head instead of "
+    "towards zero: it leaves zero-shot's predictions only as far as the validation split "
+    "shows a gain.",
     "k-NN": "majority vote of the k training images of highest cosine similarity (ties: the "
     "larger summed similarity).",
 }
@@ -731,12 +734,14 @@ PROBE_DEFINITIONS = {
 
 @dataclass
 class ProbeRun:
-    """Linear probe and/or k-NN results, their report metrics and their section."""
+    """Linear probe (plain and with the zero-shot prior) and/or k-NN results, their report
+    metrics and their section."""
 
     linear: ProbeResult | None
     knn: KnnResult | None
     metrics: dict[str, Any]
     section: Section
+    linear_prior: ProbeResult | None = None
 
 
 def run_probes(
@@ -746,6 +751,7 @@ def run_probes(
     n_classes: int,
     *,
     zeroshot_top1: float | None = None,
+    zeroshot_classifier: Tensor | None = None,
     linear: bool = True,
     knn_k: int | None = None,
     knn_shots: int | None = None,
@@ -755,7 +761,9 @@ def run_probes(
 ) -> ProbeRun:
     """Linear probe (`linear`) and k-NN (`knn_k`) on the frozen image features of the labelled
     images of `train_loaders()`, scored on those of `test_loaders()`; metrics `linear_probe`
-    and `knn`, and a section comparing their top-1 with `zeroshot_top1`."""
+    and `knn`, and a section comparing their top-1 with `zeroshot_top1`. With
+    `zeroshot_classifier` ((C, D), `ZeroShotResult.classifier`) the linear probe is also fitted
+    towards the zero-shot head (`linear_probe_zeroshot_prior`)."""
     if not linear and knn_k is None:
         raise ValueError("run_probes: nothing to run (linear=False and knn_k=None)")
     train_loader, test_loader = train_loaders(), test_loaders()
@@ -773,6 +781,13 @@ def run_probes(
         skipped.update(loader.skip_counter.report(what))
     linear_result = (
         linear_probe(train, test, n_classes, seed=seed, progress=progress) if linear else None
+    )
+    prior_result = (
+        linear_probe(
+            train, test, n_classes, seed=seed, prior=zeroshot_classifier, progress=progress
+        )
+        if linear and zeroshot_classifier is not None
+        else None
     )
     knn_result = (
         knn_probe(train, test, knn_k, n_classes, shots=knn_shots, seed=seed)
@@ -792,6 +807,15 @@ def run_probes(
                 "method": f"linear probe (C={linear_result.c:.3g})",
                 "top-1": linear_result.top1,
                 "what": PROBE_DEFINITIONS["linear probe"],
+            }
+        )
+    if prior_result is not None:
+        metrics["linear_probe_zeroshot_prior"] = prior_result.to_dict()
+        rows.append(
+            {
+                "method": f"linear probe, zero-shot prior (C={prior_result.c:.3g})",
+                "top-1": prior_result.top1,
+                "what": PROBE_DEFINITIONS["zero-shot prior"],
             }
         )
     if knn_result is not None:
@@ -815,4 +839,4 @@ def run_probes(
             "frozen). Top-1: the share of test images whose predicted class is their label."
         ),
     )
-    return ProbeRun(linear_result, knn_result, metrics, section)
+    return ProbeRun(linear_result, knn_result, metrics, section, prior_result)

@@ -19,6 +19,18 @@ divided by the number of samples:
 minimised full-batch by L-BFGS in torch (float64 by default), so it runs where the features
 are (a GPU included) without scikit-learn.
 
+Zero-shot prior (`linear_probe(..., prior=classifier)`): the same protocol, but the weights
+are pulled towards the model's own zero-shot head instead of towards zero. The logits are
+`a * zero-shot logits + x @ V.T + b` with a fitted temperature `a` (not penalised) and the
+departure (V, b) penalised, `||V||^2 + ||b||^2` in place of `||W||^2`. As C -> 0 the probe
+becomes the zero-shot classifier (same predictions), so the validation sweep can only prefer a
+departure from zero-shot that validation accuracy supports. A plain probe has to learn the
+classes again from the labelled images alone; where the zero-shot head is already at the
+features' linear separability (the demo digits CLIP: probe - zero-shot within +-2 of 270 test
+images over four trainings), the plain probe is level with zero-shot, and the prior keeps what
+zero-shot knows while the labels correct it (the instance-level demo CLIP: zero-shot 0.889,
+plain probe 0.893, with the prior 0.907).
+
 k-NN: each test feature takes the k training features of highest cosine similarity; each votes
 for its class and the class with the most votes wins (a tie: the class whose voters have the
 larger summed similarity, then the lower label). `few_shot_indices` keeps N random training
@@ -73,11 +85,16 @@ def fit_logistic(
     n_classes: int,
     c: float,
     *,
+    prior: LogisticModel | None = None,
     max_iter: int = 1000,
     dtype: torch.dtype = torch.float64,
 ) -> LogisticModel:
     """Logistic regression with inverse L2 strength `c` (scikit-learn's C), fitted by
-    full-batch L-BFGS (strong Wolfe line search) from zero weights."""
+    full-batch L-BFGS (strong Wolfe line search) from zero weights.
+
+    With `prior` (a head on the same features, e.g. the zero-shot classifier): logits
+    `a * prior.logits(x) + x @ V.T + b`, the temperature `a` free, `(V, b)` penalised instead
+    of the weights (see the module docstring); returned as one head, `a * prior + (V, b)`."""
     _check(features, labels, "fit_logistic")
     if not (math.isfinite(c) and c > 0):
         raise ValueError(f"c={c} must be a finite number > 0")
@@ -89,8 +106,22 @@ def fit_logistic(
     rows = torch.arange(n, device=x.device)
     weight = torch.zeros(n_classes, x.shape[1], dtype=dtype, device=x.device)
     bias = torch.zeros(n_classes, dtype=dtype, device=x.device)
+    temperature = torch.ones((), dtype=dtype, device=x.device)
+    prior_logits, prior_scale = None, 1.0
+    if prior is not None:
+        if tuple(prior.weight.shape) != (n_classes, x.shape[1]):
+            raise ValueError(
+                f"prior: expected a ({n_classes}, {x.shape[1]}) head, got "
+                f"{tuple(prior.weight.shape)}"
+            )
+        prior = LogisticModel(prior.weight.to(x), prior.bias.to(x))
+        prior_logits = prior.logits(x)  # (N, C)
+        # start the temperature at a unit spread of the prior's logits (L-BFGS fits it)
+        prior_scale = 1 / max(prior_logits.std().item(), torch.finfo(dtype).tiny)
+        prior_logits = prior_logits * prior_scale
+    parameters = [weight, bias] if prior_logits is None else [weight, bias, temperature]
     optimizer = torch.optim.LBFGS(
-        [weight, bias],
+        parameters,
         lr=1,
         max_iter=max_iter,
         tolerance_grad=1e-6,
@@ -103,16 +134,26 @@ def fit_logistic(
     def closure() -> Tensor:
         # the gradient in closed form (softmax - one-hot): a third of autograd's time here
         logits = x @ weight.T + bias  # (N, C)
-        loss = F.cross_entropy(logits, y) + weight.pow(2).sum() / (2 * c * n)
+        penalty = weight.pow(2).sum()
+        if prior_logits is not None:
+            logits = logits + temperature * prior_logits
+            penalty = penalty + bias.pow(2).sum()
+        loss = F.cross_entropy(logits, y) + penalty / (2 * c * n)
         residual = logits.softmax(dim=1)
         residual[rows, y] -= 1
         residual /= n
         weight.grad = residual.T @ x + weight / (c * n)  # (C, D)
         bias.grad = residual.sum(0)  # (C,)
+        if prior_logits is not None:
+            bias.grad += bias / (c * n)
+            temperature.grad = (residual * prior_logits).sum()
         return loss
 
     optimizer.step(closure)
-    return LogisticModel(weight, bias)
+    if prior is None:
+        return LogisticModel(weight, bias)
+    scale = temperature * prior_scale
+    return LogisticModel(weight + scale * prior.weight, bias + scale * prior.bias)
 
 
 @dataclass
@@ -131,6 +172,12 @@ class Standardizer:
 
     def __call__(self, features: Tensor) -> Tensor:
         return (features.double() - self.mean) / self.std
+
+    def head(self, classifier: Tensor) -> LogisticModel:
+        """The head on standardised features equal to `features @ classifier.T` on the raw
+        ones: weight `classifier * std`, bias `classifier @ mean`."""
+        classifier = classifier.to(self.mean)
+        return LogisticModel(classifier * self.std, classifier @ self.mean)
 
 
 def accuracy(predictions: Tensor, labels: Tensor) -> float:
@@ -160,13 +207,15 @@ def sweep_c(
     *,
     coarse: Sequence[float] = COARSE_EXPONENTS,
     refine_steps: int = REFINE_STEPS,
+    prior: LogisticModel | None = None,
     max_iter: int = 1000,
     progress: bool = False,
 ) -> Sweep:
     """C = 10^e for each e of `coarse`, then `refine_steps` rounds that try the best exponent
     +- a step halved each round (starting at half the coarse spacing); each C is fitted on
     `train` and scored on `val` (each fit from zero weights, so a score does not depend on
-    the order of the sweep). The best C (`best_c`) and every score."""
+    the order of the sweep), towards `prior` where given (`fit_logistic`). The best C
+    (`best_c`) and every score."""
     if not coarse:
         raise ValueError("coarse: expected at least one exponent")
     scores: dict[float, float] = {}
@@ -179,7 +228,7 @@ def sweep_c(
     def score(exponent: float) -> None:
         c = 10.0**exponent
         if c not in scores:
-            model = fit_logistic(*train, n_classes, c, max_iter=max_iter)
+            model = fit_logistic(*train, n_classes, c, prior=prior, max_iter=max_iter)
             logits = model.logits(val[0])
             scores[c] = accuracy(logits.argmax(1), val[1])
             losses[c] = F.cross_entropy(logits, val[1].to(logits.device)).item()
@@ -257,14 +306,22 @@ def linear_probe(
     seed: int = 0,
     coarse: Sequence[float] = COARSE_EXPONENTS,
     refine_steps: int = REFINE_STEPS,
+    prior: Tensor | None = None,
     max_iter: int = 1000,
     progress: bool = False,
 ) -> ProbeResult:
     """CLIP's linear probe: C swept on a validation split of `train`, the model refitted on
     all of `train` with it and scored on `test`. Features (N, D), labels (N,) in [0, C),
-    standardised with the statistics of the features each model is fitted on."""
+    standardised with the statistics of the features each model is fitted on. `prior`: a
+    (C, D) head on the raw features (the zero-shot classifier: logits `features @ prior.T`)
+    that the weights are pulled towards instead of towards zero (module docstring)."""
     _check(*train, "train")
     _check(*test, "test")
+    if prior is not None and tuple(prior.shape) != (n_classes, train[0].shape[1]):
+        raise ValueError(
+            f"prior: expected the ({n_classes}, {train[0].shape[1]}) zero-shot classifier, got "
+            f"{tuple(prior.shape)}"
+        )
     fit_index, val_index = split_train_val(train[1], val_fraction, seed)
     x = train[0]
     y = train[1].to(x.device)
@@ -276,11 +333,19 @@ def linear_probe(
         n_classes,
         coarse=coarse,
         refine_steps=refine_steps,
+        prior=None if prior is None else scale.head(prior),
         max_iter=max_iter,
         progress=progress,
     )
     scale = Standardizer.fit(x)
-    model = fit_logistic(scale(x), y, n_classes, found.best_c, max_iter=max_iter)
+    model = fit_logistic(
+        scale(x),
+        y,
+        n_classes,
+        found.best_c,
+        prior=None if prior is None else scale.head(prior),
+        max_iter=max_iter,
+    )
     predictions = model.predict(scale(test[0])).cpu()
     return ProbeResult(
         top1=accuracy(predictions, test[1]),

@@ -32,7 +32,18 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
     (r"(^|/)n_classes$", "classes (one averaged prompt embedding each)"),
     (r"(^|/)linear_probe/top1$", "linear probe top-1 on the test images"),
     (r"(^|/)linear_probe/val_top1$", "linear probe top-1 on its validation split"),
-    (r"(^|/)linear_probe/C$", "inverse L2 strength chosen on the validation split"),
+    (
+        r"(^|/)linear_probe(_zeroshot_prior)?/C$",
+        "inverse L2 strength chosen on the validation split",
+    ),
+    (
+        r"(^|/)linear_probe_zeroshot_prior/top1$",
+        "linear probe pulled towards the zero-shot head: top-1 on the test images",
+    ),
+    (
+        r"(^|/)linear_probe_zeroshot_prior/val_top1$",
+        "the zero-shot-prior probe's top-1 on its validation split",
+    ),
     (r"(^|/)knn/top1$", "k-NN top-1 on the test images (cosine, majority vote)"),
     (
         r"image_to_text/recall@(?P<k>\d+)$",

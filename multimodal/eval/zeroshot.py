@@ -148,6 +148,9 @@ class ZeroShotResult:
     n_samples: int
     predictions: Tensor = field(repr=False)  # (N,) top-1 class of each image
     labels: Tensor = field(repr=False)  # (N,)
+    # (C, D) fp32 normalised class embeddings the images were scored with (logits = image
+    # features @ classifier.T), where known: a linear probe can start from it
+    classifier: Tensor | None = field(default=None, repr=False)
 
     @property
     def support(self) -> list[int]:
@@ -227,8 +230,11 @@ class ZeroShotMetrics:
         self.predictions.append(predictions)
         self.labels.append(labels)
 
-    def compute(self, class_names: Sequence[str]) -> ZeroShotResult:
-        """The result; raises ValueError when no sample was seen."""
+    def compute(
+        self, class_names: Sequence[str], classifier: Tensor | None = None
+    ) -> ZeroShotResult:
+        """The result (with the `classifier` the logits came from, where given); raises
+        ValueError when no sample was seen."""
         if len(class_names) != self.num_classes:
             raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
         n = int(self.confusion.sum())
@@ -248,6 +254,7 @@ class ZeroShotMetrics:
             n_samples=n,
             predictions=torch.cat(self.predictions),
             labels=torch.cat(self.labels),
+            classifier=None if classifier is None else classifier.detach().float(),
         )
 
 
@@ -310,7 +317,7 @@ def zeroshot_evaluate(
             metrics.update(logits, labels)
             if on_logits is not None:
                 on_logits(logits)
-    return metrics.compute(class_names)
+    return metrics.compute(class_names, classifier)
 
 
 def _image_batches(batches: Iterable[Any]) -> Iterator[tuple[Tensor, Tensor]]:

@@ -19,9 +19,12 @@ from sklearn.linear_model import LogisticRegression
 
 from multimodal.data.digits import DIGIT_NAMES, load_digit_images
 from multimodal.eval import commands, evaluate
+from multimodal.eval.class_names import render_prompts, templates
 from multimodal.eval.commands import zeroshot_main
 from multimodal.eval.evaluate import embed_labelled_images, eval_loader
 from multimodal.eval.linear_probe import (
+    LogisticModel,
+    Standardizer,
     accuracy,
     few_shot_indices,
     fit_logistic,
@@ -32,6 +35,7 @@ from multimodal.eval.linear_probe import (
     sweep_c,
 )
 from multimodal.eval.loading import LoadedModel, instantiate_model_and_data
+from multimodal.eval.zeroshot import zeroshot_classifier
 from tests.export.conftest import tiny_digits_config
 from tests.helpers import CONFIGS, save_task
 
@@ -92,6 +96,72 @@ def test_sweep_picks_the_best_validation_accuracy(pixels):
     tied = [c for c, score in brute.items() if score == best]
     assert sweep.best_c == min(tied, key=losses.__getitem__)  # a tie: the lower val loss
     assert best > 0.9  # the digits pixels are linearly separable enough
+
+
+def reference_prior_fit(x, y, n_classes, c, prior: LogisticModel) -> torch.Tensor:
+    """The zero-shot-prior objective written out and minimised by autograd L-BFGS: mean
+    cross-entropy of `a * prior logits + x @ V.T + b` + (||V||^2 + ||b||^2) / (2 C N), over
+    V, b and the temperature a. Returns the fitted logits of `x`."""
+    prior_logits = x @ prior.weight.T + prior.bias
+    v = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=x.dtype, requires_grad=True)
+    a = torch.zeros((), dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [v, b, a], max_iter=5000, tolerance_grad=1e-10, tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = a * prior_logits + x @ v.T + b
+        loss = F.cross_entropy(logits, y) + (v.pow(2).sum() + b.pow(2).sum()) / (2 * c * len(y))
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    with torch.no_grad():
+        return a * prior_logits + x @ v.T + b
+
+
+@pytest.mark.parametrize("c", [0.05, 2.0])
+def test_zero_shot_prior_fit_reaches_the_optimum_of_its_objective(pixels, c):
+    (x, y), _ = pixels
+    generator = torch.Generator().manual_seed(0)
+    # a prior that knows some classes: a probe of 20 samples, plus noise
+    weak = fit_logistic(x[:20], y[:20], 10, 1.0)
+    prior = LogisticModel(
+        weak.weight + 0.1 * torch.randn(weak.weight.shape, generator=generator, dtype=x.dtype),
+        weak.bias,
+    )
+    ours = fit_logistic(x, y, 10, c, prior=prior)
+    reference = reference_prior_fit(x, y, 10, c, prior)
+    # to L-BFGS's tolerance, as against scikit-learn above
+    np.testing.assert_allclose(
+        ours.logits(x).softmax(1).numpy(), reference.softmax(1).numpy(), atol=1e-3
+    )
+    plain = fit_logistic(x, y, 10, c)  # pulled towards zero instead: another optimum
+    assert (plain.logits(x).softmax(1) - reference.softmax(1)).abs().max() > 1e-2
+
+
+def test_zero_shot_prior_probe_at_strong_regularisation_is_zero_shot():
+    """As C -> 0 the probe is the zero-shot classifier on the raw features (standardisation
+    and back included), so the sweep starts from zero-shot's predictions."""
+    generator = torch.Generator().manual_seed(1)
+    classifier = F.normalize(torch.randn(6, 24, generator=generator), dim=1)
+    labels = torch.arange(6).repeat(40)
+    features = F.normalize(
+        classifier[labels] + 0.9 * torch.randn(len(labels), 24, generator=generator), dim=1
+    )
+    train, test = (features[:180], labels[:180]), (features[180:], labels[180:])
+    zero_shot = (test[0] @ classifier.T).argmax(1)
+    assert 0.3 < accuracy(zero_shot, test[1]) < 1  # not trivially right or wrong
+    scale = Standardizer.fit(train[0])
+    head = scale.head(classifier)
+    torch.testing.assert_close(head.logits(scale(test[0])), (test[0] @ classifier.T).double())
+    result = linear_probe(train, test, 6, prior=classifier, coarse=(-9,), refine_steps=0)
+    assert torch.equal(result.predictions, zero_shot)
+    with pytest.raises(ValueError, match=r"expected the \(6, 24\) zero-shot classifier"):
+        linear_probe(train, test, 6, prior=classifier[:5])
 
 
 def test_split_keeps_every_class_in_train_and_is_seeded():
@@ -194,13 +264,26 @@ def test_zeroshot_reports_the_probes_next_to_zero_shot(tiny_run, tmp_path, monke
     }
     result = probe(features["train"], features["test"], 10)
     assert metrics["linear_probe"] == result.to_dict()
+    classes = commands.data_classes(commands.open_data(test), test)  # the folders, sorted
+    assert sorted(classes) == sorted(DIGIT_NAMES) and list(classes) != list(DIGIT_NAMES)
+    classifier = zeroshot_classifier(
+        loaded.model,
+        loaded.tokenizer,
+        render_prompts(classes, templates("digits")),
+        context_length=loaded.context_length,
+    )
+    with_prior = probe(features["train"], features["test"], 10, prior=classifier)
+    assert metrics["linear_probe_zeroshot_prior"] == with_prior.to_dict()
     assert metrics["linear_probe"]["n_train"] + metrics["linear_probe"]["n_val"] == 120
     knn = knn_probe(features["train"], features["test"], 3, 10, shots=5)
     assert metrics["knn"] == {**knn.to_dict(), "shots_per_class": 5}
     assert metrics["knn"]["n_train"] == 50
     summary = (out / "summary.md").read_text()
     assert "## Zero-shot, linear probe and k-NN" in summary
-    for method in ("| zero-shot |", "| linear probe (C=", "| 3-NN (5 a class) |"):
+    for method in (
+        "| zero-shot |", "| linear probe (C=", "| linear probe, zero-shot prior (C=",
+        "| 3-NN (5 a class) |",
+    ):  # fmt: skip
         assert method in summary
     assert "logistic regression" in summary and "**linear probe data**" in summary
 
