@@ -8,6 +8,7 @@ import itertools
 import re
 from collections.abc import Mapping
 
+from multimodal.data.instances import TRAIN_RENDERS
 from multimodal.data.shards import (
     CLASSIFICATION_TEMPLATES,
     WriteSummary,
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
             "Write the 1,797 bundled digits (train/val/test 70/15/15) as PNG shards. "
             "--variant instances draws each digit in a colour, size, position and background "
             "that its caption names (unique captions: instance-level retrieval), and its "
-            "training scans 8 times each (10,596 samples)."
+            f"training scans {TRAIN_RENDERS} times each."
         ),
     )
     _common(demo, prefix=None)
