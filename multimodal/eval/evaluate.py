@@ -724,9 +724,9 @@ PROBE_DEFINITIONS = {
     "linear probe": "multinomial logistic regression on the frozen (standardised) image "
     "features of the training data, L2 strength chosen on a validation split of it (CLIP's "
     "protocol).",
-    "zero-shot prior": "the same, its weights pulled towards the zero-shot head instead of "
-    "towards zero: it leaves zero-shot's predictions only as far as the validation split "
-    "shows a gain.",
+    "linear probe, zero-shot prior": "the same, its weights pulled towards the zero-shot "
+    "head instead of towards zero: it leaves zero-shot's predictions only as far as the "
+    "validation split shows a gain.",
     "k-NN": "majority vote of the k training images of highest cosine similarity (ties: the "
     "larger summed similarity).",
 }
@@ -800,24 +800,19 @@ def run_probes(
         rows.append(
             {"method": "zero-shot", "top-1": zeroshot_top1, "what": PROBE_DEFINITIONS["zero-shot"]}
         )
-    if linear_result is not None:
-        metrics["linear_probe"] = linear_result.to_dict()
-        rows.append(
-            {
-                "method": f"linear probe (C={linear_result.c:.3g})",
-                "top-1": linear_result.top1,
-                "what": PROBE_DEFINITIONS["linear probe"],
-            }
-        )
-    if prior_result is not None:
-        metrics["linear_probe_zeroshot_prior"] = prior_result.to_dict()
-        rows.append(
-            {
-                "method": f"linear probe, zero-shot prior (C={prior_result.c:.3g})",
-                "top-1": prior_result.top1,
-                "what": PROBE_DEFINITIONS["zero-shot prior"],
-            }
-        )
+    for result, key, method in (
+        (linear_result, "linear_probe", "linear probe"),
+        (prior_result, "linear_probe_zeroshot_prior", "linear probe, zero-shot prior"),
+    ):
+        if result is not None:
+            metrics[key] = result.to_dict()
+            rows.append(
+                {
+                    "method": f"{method} (C={result.c:.3g})",
+                    "top-1": result.top1,
+                    "what": PROBE_DEFINITIONS[method],
+                }
+            )
     if knn_result is not None:
         metrics["knn"] = knn_result.to_dict()
         shots = "all" if knn_shots is None else f"{knn_shots} a class"
