@@ -29,30 +29,44 @@ def trained(config: str, *overrides: str):
     return cli, time.perf_counter() - start
 
 
+# One training of each is within the noise: over 4 seeds on one thread, distilled - alone was
+# +3.7, +1.1, +1.9 and +4.0 points, but a full-suite run once gave -1.5 (0.648 vs 0.663), and
+# with another session's teacher seeds 0-2 gave +1.1, -0.4, +1.5; so the test compares the
+# means of five seeded pairs.
+SEEDS = (0, 1, 2, 3, 4)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("trained_digits_clip")  # one worker trains the shared CLIP
 def test_distilled_student_beats_the_student_trained_alone(trained_digits_clip, demo_shards):
     _, teacher_path = trained_digits_clip
     data = (*data_overrides("clip/digits.yaml", demo_shards), "--data.init_args.num_workers", "1")
-    distilled, distilled_time = trained(
-        "adapt/clip_distill.yaml", *data, "--model.init_args.teacher_checkpoint", str(teacher_path)
-    )
-    alone, alone_time = trained("clip/digits.yaml", *data, *ONE_LAYER)
-    assert distilled.trainer.global_step == alone.trainer.global_step > 0
-    assert sum(p.numel() for p in distilled.model.parameters()) == sum(
-        p.numel() for p in alone.model.parameters()
-    )  # the same student
-
-    val = distilled.datamodule  # the val split, for all three
-    scores = {
-        "teacher": held_out_zeroshot(load_task(teacher_path).model, val)[0].float().mean().item(),
-        "distilled": held_out_zeroshot(distilled.model.model, val)[0].float().mean().item(),
-        "alone": held_out_zeroshot(alone.model.model, val)[0].float().mean().item(),
-    }
+    teacher = load_task(teacher_path).model
+    scores: dict[str, list[float]] = {"teacher": [], "distilled": [], "alone": []}
+    seconds = {"distilled": 0.0, "alone": 0.0}
+    for seed in SEEDS:
+        seeded = (*data, "--seed_everything", str(seed))
+        distilled, distilled_time = trained(
+            "adapt/clip_distill.yaml", *seeded,
+            "--model.init_args.teacher_checkpoint", str(teacher_path),
+        )  # fmt: skip
+        alone, alone_time = trained("clip/digits.yaml", *seeded, *ONE_LAYER)
+        assert distilled.trainer.global_step == alone.trainer.global_step > 0
+        assert sum(p.numel() for p in distilled.model.parameters()) == sum(
+            p.numel() for p in alone.model.parameters()
+        )  # the same student
+        val = distilled.datamodule  # the val split, for all three
+        for name, model in (
+            ("teacher", teacher), ("distilled", distilled.model.model), ("alone", alone.model.model)
+        ):  # fmt: skip
+            scores[name].append(held_out_zeroshot(model, val)[0].float().mean().item())
+        seconds["distilled"] += distilled_time
+        seconds["alone"] += alone_time
+    mean = {name: sum(values) / len(values) for name, values in scores.items()}
     print(
-        f"zero-shot top-1 on the val split: teacher {scores['teacher']:.3f}; 1 + 1-layer student "
-        f"({STUDENT_EPOCHS} epochs) distilled ({distilled_time:.0f} s) "
-        f"{scores['distilled']:.3f}, alone ({alone_time:.0f} s) {scores['alone']:.3f}"
+        f"zero-shot top-1 on the val split: teacher {mean['teacher']:.3f}; 1 + 1-layer student "
+        f"({STUDENT_EPOCHS} epochs, seeds {SEEDS}) distilled {scores['distilled']} "
+        f"({seconds['distilled']:.0f} s), alone {scores['alone']} ({seconds['alone']:.0f} s)"
     )
-    assert scores["teacher"] > scores["alone"], scores  # a teacher worth distilling
-    assert scores["distilled"] >= scores["alone"], scores
+    assert mean["teacher"] > mean["alone"], scores  # a teacher worth distilling
+    assert mean["distilled"] >= mean["alone"], scores
