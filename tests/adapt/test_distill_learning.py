@@ -31,7 +31,7 @@ def trained(config: str, *overrides: str):
 
 # One training of each is within the noise. At the distillation temperature 1 a full-suite
 # run gave distilled 0.648 vs alone 0.663, and five seeds +0.4 points on their means; at the
-# config's 2: 0.686 vs 0.607 on the means, every seed ahead (+3.9 to +9.3). The test compares
+# config's 2: 0.686 vs 0.607 on the means, every seed ahead (+5.2 to +10.0). The test compares
 # the means of five seeded pairs.
 SEEDS = (0, 1, 2, 3, 4)
 
