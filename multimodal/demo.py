@@ -128,8 +128,8 @@ def demo_precision(overrides: list[str], config: Path) -> list[str]:
     return ["--trainer.precision", "32-true"]
 
 
-def train(out: Path, data: Path, args: argparse.Namespace):
-    """The LightningCLI of the demo config (paths, epochs and workers overridden) after
+def train(out: Path, data: Path, args: argparse.Namespace, config: Path):
+    """The LightningCLI of the demo `config` (paths, epochs and workers overridden) after
     fitting; zero-shot accuracy and retrieval recall on the validation split are logged every
     epoch."""
     from lightning.pytorch.cli import LightningCLI
@@ -138,7 +138,7 @@ def train(out: Path, data: Path, args: argparse.Namespace):
     from multimodal.short_runs import short_run_overrides
 
     overrides = [
-        "--config", str(config_path(args.variant)),
+        "--config", str(config),
         "--data.init_args.train_urls", str(data / "train"),
         "--data.init_args.val_urls", str(data / "val"),
         "--data.init_args.num_workers", str(args.num_workers),
@@ -149,7 +149,7 @@ def train(out: Path, data: Path, args: argparse.Namespace):
         overrides += ["--trainer.max_epochs", str(args.epochs)]
     if args.limit_train_batches is not None:
         overrides += ["--trainer.limit_train_batches", str(args.limit_train_batches)]
-    overrides += demo_precision(args.overrides, config_path(args.variant))
+    overrides += demo_precision(args.overrides, config)
     overrides += short_run_overrides()  # MULTIMODAL_MAX_STEPS / _PRECISION, for the tests
     overrides += args.overrides
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # `demo ...` is not LightningCLI's
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_path(args.variant)  # fail before writing anything
     start = time.perf_counter()
     data = write_data(out / DATA_DIR / args.variant, progress, args.variant)
-    cli = train(out, data, args)
+    cli = train(out, data, args, config)
     trained = time.perf_counter() - start
 
     datamodule, model = cli.datamodule, cli.model.model
