@@ -11,6 +11,7 @@ import argparse
 import datetime
 import difflib
 import json
+import re
 import sys
 import tarfile
 from collections.abc import Sequence
@@ -125,7 +126,34 @@ def zeroshot_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="SEED",
-        help="seed of the validation split and the few-shot draw (0)",
+        help="seed of the validation split (or folds) and the few-shot draw (0)",
+    )
+    probes.add_argument(
+        "--probe-folds",
+        type=int,
+        metavar="K",
+        help=(
+            "choose the probe's L2 strength by stratified K-fold cross-validation instead of "
+            "one 20%% validation split (for a few hundred training images, where one split "
+            "is too noisy to choose it)"
+        ),
+    )
+    probes.add_argument(
+        "--probe-repeats",
+        type=int,
+        default=1,
+        metavar="R",
+        help="repeat the --probe-folds cross-validation R times, reshuffled (1)",
+    )
+    probes.add_argument(
+        "--probe-group-pattern",
+        metavar="REGEX",
+        help=(
+            "training images whose sample keys are equal once the first match of REGEX is "
+            "removed are one group, never split between the probe's fit and validation parts "
+            r"(e.g. --probe-group-pattern='-r\d+$' for the demo's renderings of one scan: "
+            "near-copies in validation would make every L2 strength look as if it generalised)"
+        ),
     )
     return parser
 
@@ -360,7 +388,24 @@ def _check_probe_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--knn needs labelled training images: pass --linear-probe TRAIN_DATA")
     if args.knn_shots is not None and args.knn is None:
         parser.error("--knn-shots needs --knn K")
-    for flag, value in (("--knn", args.knn), ("--knn-shots", args.knn_shots)):
+    if args.probe_folds is not None and args.linear_probe is None:
+        parser.error("--probe-folds needs labelled training images: pass --linear-probe TRAIN_DATA")
+    if args.probe_group_pattern is not None:
+        if args.linear_probe is None:
+            parser.error("--probe-group-pattern needs --linear-probe TRAIN_DATA")
+        try:
+            re.compile(args.probe_group_pattern)
+        except re.error as error:
+            parser.error(f"--probe-group-pattern {args.probe_group_pattern!r}: {error}")
+    if args.probe_repeats != 1 and args.probe_folds is None:
+        parser.error("--probe-repeats needs --probe-folds K")
+    if args.probe_folds is not None and args.probe_folds < 2:
+        parser.error(f"--probe-folds={args.probe_folds} must be >= 2")
+    for flag, value in (
+        ("--knn", args.knn),
+        ("--knn-shots", args.knn_shots),
+        ("--probe-repeats", args.probe_repeats),
+    ):
         if value is not None and value < 1:
             parser.error(f"{flag}={value} must be >= 1")
 
@@ -402,6 +447,8 @@ def zeroshot_main(argv: Sequence[str]) -> int:
                 len(classes),
                 zeroshot_top1=run.metrics["top1"], zeroshot_classifier=run.result.classifier,
                 knn_k=args.knn, knn_shots=args.knn_shots, seed=args.probe_seed,
+                folds=args.probe_folds, repeats=args.probe_repeats,
+                group_pattern=args.probe_group_pattern,
                 precision=args.precision, progress=not args.no_progress,
             )  # fmt: skip
             metrics.update(probes.metrics)

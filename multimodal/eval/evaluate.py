@@ -16,9 +16,11 @@ skipped (broken images) are counted in the metrics (`skipped`, by reason) when t
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -681,16 +683,16 @@ def _retrieval_examples(
 
 
 @torch.no_grad()
-def embed_labelled_images(
+def embed_labelled_images_and_keys(
     loaded: LoadedModel,
     loader: EvalLoader,
     *,
     precision: str = "fp32",
     progress: bool = True,
     desc: str = "images",
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, list[str]]:
     """(image features (N, D) L2-normalised fp32 on the model's device, labels (N,) on the
-    CPU) of every labelled image of `loader`, sorted by sample key: the order (and so a
+    CPU, sample keys) of every labelled image of `loader`, sorted by sample key: the order (and so a
     probe's seeded validation split) does not depend on how many workers read the data.
     ValueError for an unlabelled image."""
     if precision not in PRECISIONS:
@@ -715,7 +717,45 @@ def embed_labelled_images(
         raise ValueError("the data yielded no images")
     order = sorted(range(len(keys)), key=keys.__getitem__)
     index = torch.tensor(order, dtype=torch.long)
-    return torch.cat(features)[index.to(features[0].device)], torch.cat(labels)[index]
+    return (
+        torch.cat(features)[index.to(features[0].device)],
+        torch.cat(labels)[index],
+        [keys[i] for i in order],
+    )
+
+
+def embed_labelled_images(
+    loaded: LoadedModel,
+    loader: EvalLoader,
+    *,
+    precision: str = "fp32",
+    progress: bool = True,
+    desc: str = "images",
+) -> tuple[Tensor, Tensor]:
+    """`embed_labelled_images_and_keys` without the keys."""
+    features, labels, _ = embed_labelled_images_and_keys(
+        loaded, loader, precision=precision, progress=progress, desc=desc
+    )
+    return features, labels
+
+
+def probe_groups(keys: Sequence[str], pattern: str | None) -> list[str] | None:
+    """Each key with the first match of the regular expression `pattern` removed: the group
+    a probe's validation split keeps whole (None without a pattern). ValueError for a pattern
+    that does not compile or matches no key."""
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"probe group pattern {pattern!r}: {error}") from None
+    groups = [compiled.sub("", key, count=1) for key in keys]
+    if groups == list(keys):
+        raise ValueError(
+            f"probe group pattern {pattern!r} matches none of the {len(keys)} training keys "
+            f"(e.g. {keys[0]!r})"
+        )
+    return groups
 
 
 PROBE_DEFINITIONS = {
@@ -756,6 +796,9 @@ def run_probes(
     knn_k: int | None = None,
     knn_shots: int | None = None,
     seed: int = 0,
+    folds: int | None = None,
+    repeats: int = 1,
+    group_pattern: str | None = None,
     precision: str = "fp32",
     progress: bool = True,
 ) -> ProbeRun:
@@ -763,13 +806,19 @@ def run_probes(
     images of `train_loaders()`, scored on those of `test_loaders()`; metrics `linear_probe`
     and `knn`, and a section comparing their top-1 with `zeroshot_top1`. With
     `zeroshot_classifier` ((C, D), `ZeroShotResult.classifier`) the linear probe is also fitted
-    towards the zero-shot head (`linear_probe_zeroshot_prior`)."""
+    towards the zero-shot head (`linear_probe_zeroshot_prior`). `folds` / `repeats`: choose
+    the probes' C by repeated k-fold cross-validation (`linear_probe`). `group_pattern`: a
+    regular expression; training images whose keys are equal once its first match is
+    removed form a group (`-r\\d+$`: the renderings of one scan) that every validation split
+    keeps on one side."""
     if not linear and knn_k is None:
         raise ValueError("run_probes: nothing to run (linear=False and knn_k=None)")
     train_loader, test_loader = train_loaders(), test_loaders()
-    train = embed_labelled_images(
+    *train, train_keys = embed_labelled_images_and_keys(
         loaded, train_loader, precision=precision, progress=progress, desc="train images"
     )
+    train = tuple(train)
+    groups = probe_groups(train_keys, group_pattern)
     test = embed_labelled_images(
         loaded, test_loader, precision=precision, progress=progress, desc="test images"
     )
@@ -779,15 +828,13 @@ def run_probes(
     skipped: Counter[str] = Counter()
     for loader, what in ((train_loader, "probe training data"), (test_loader, "probe test data")):
         skipped.update(loader.skip_counter.report(what))
-    linear_result = (
-        linear_probe(train, test, n_classes, seed=seed, progress=progress) if linear else None
-    )
+    probe = partial(
+        linear_probe, train, test, n_classes,
+        seed=seed, folds=folds, repeats=repeats, groups=groups, progress=progress,
+    )  # fmt: skip
+    linear_result = probe() if linear else None
     prior_result = (
-        linear_probe(
-            train, test, n_classes, seed=seed, prior=zeroshot_classifier, progress=progress
-        )
-        if linear and zeroshot_classifier is not None
-        else None
+        probe(prior=zeroshot_classifier) if linear and zeroshot_classifier is not None else None
     )
     knn_result = (
         knn_probe(train, test, knn_k, n_classes, shots=knn_shots, seed=seed)
@@ -825,13 +872,21 @@ def run_probes(
         )
     if skipped:
         metrics["probe_skipped"] = dict(skipped)
+    grouped = "" if groups is None else f" (kept whole: {len(set(groups))} groups of keys)"
+    validation = (
+        "on a validation split of 20% of them"
+        if folds is None
+        else f"by {folds}-fold cross-validation on them"
+        + (f", {repeats} times" if repeats > 1 else "")
+    ) + grouped
     section = table_section(
         "Zero-shot, linear probe and k-NN",
         rows,
         text=(
             f"Top-1 accuracy on the {len(test[1])} test images; the probes are trained on the "
             f"image features of {len(train[1])} labelled training images (the image tower "
-            "frozen). Top-1: the share of test images whose predicted class is their label."
+            f"frozen), their L2 strength chosen {validation}. Top-1: the share of test images "
+            "whose predicted class is their label."
         ),
     )
     return ProbeRun(linear_result, knn_result, metrics, section, prior_result)

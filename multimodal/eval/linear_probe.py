@@ -40,7 +40,7 @@ samples per class first.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -200,40 +200,60 @@ def best_c(scores: dict[float, float], losses: dict[float, float]) -> float:
     return min(scores, key=lambda c: (-scores[c], losses[c], c))
 
 
+@dataclass
+class Fold:
+    """One validation round of a C sweep: fit on `train`, score on `val` ((features, labels),
+    standardised with `train`'s statistics), towards `prior` where given."""
+
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    prior: LogisticModel | None = None
+
+
 def sweep_c(
-    train: tuple[Tensor, Tensor],
-    val: tuple[Tensor, Tensor],
+    folds: Sequence[Fold],
     n_classes: int,
     *,
     coarse: Sequence[float] = COARSE_EXPONENTS,
     refine_steps: int = REFINE_STEPS,
-    prior: LogisticModel | None = None,
     max_iter: int = 1000,
     progress: bool = False,
 ) -> Sweep:
     """C = 10^e for each e of `coarse`, then `refine_steps` rounds that try the best exponent
     +- a step halved each round (starting at half the coarse spacing); each C is fitted on
-    `train` and scored on `val` (each fit from zero weights, so a score does not depend on
-    the order of the sweep), towards `prior` where given (`fit_logistic`). The best C
-    (`best_c`) and every score."""
+    every fold's `train` and scored on its `val` (each fit from zero weights, so a score does
+    not depend on the order of the sweep). A C's accuracy and cross-entropy are pooled over
+    the folds (correct predictions over all their validation samples). The best C (`best_c`)
+    and every score."""
     if not coarse:
         raise ValueError("coarse: expected at least one exponent")
+    if not folds:
+        raise ValueError("folds: expected at least one train/validation fold")
     scores: dict[float, float] = {}
     losses: dict[float, float] = {}
     exponents: dict[float, float] = {}  # C -> its exponent
     bar = tqdm(
-        total=len(set(coarse)) + 2 * refine_steps, disable=not progress, desc="probe C", unit="fit"
+        total=len(folds) * (len(set(coarse)) + 2 * refine_steps),
+        disable=not progress,
+        desc="probe C",
+        unit="fit",
     )
 
     def score(exponent: float) -> None:
         c = 10.0**exponent
         if c not in scores:
-            model = fit_logistic(*train, n_classes, c, prior=prior, max_iter=max_iter)
-            logits = model.logits(val[0])
-            scores[c] = accuracy(logits.argmax(1), val[1])
-            losses[c] = F.cross_entropy(logits, val[1].to(logits.device)).item()
-            exponents[c] = exponent
-        bar.update()
+            correct, loss, count = 0.0, 0.0, 0
+            for fold in folds:
+                model = fit_logistic(*fold.train, n_classes, c, prior=fold.prior, max_iter=max_iter)
+                logits = model.logits(fold.val[0])
+                labels = fold.val[1].to(logits.device)
+                correct += (logits.argmax(1) == labels).sum().item()
+                loss += F.cross_entropy(logits, labels, reduction="sum").item()
+                count += len(labels)
+                bar.update()
+            scores[c], losses[c], exponents[c] = correct / count, loss / count, exponent
+        else:
+            bar.update(len(folds))
 
     for exponent in coarse:
         score(float(exponent))
@@ -249,43 +269,114 @@ def sweep_c(
     return Sweep(best_c(scores, losses), scores, losses)
 
 
+def _units(labels: Tensor, groups: Sequence[Hashable] | None) -> dict[int, list[Tensor]]:
+    """{label: [sample indices of one unit]}: the units the splits deal out whole, each
+    sample alone or, with `groups` (one per sample), the samples of one group together,
+    filed under the label of the group's first sample."""
+    if groups is None:
+        members: dict[Hashable, list[int]] = {i: [i] for i in range(len(labels))}
+    else:
+        if len(groups) != len(labels):
+            raise ValueError(f"groups: expected one per sample ({len(labels)}), got {len(groups)}")
+        members = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+    units: dict[int, list[Tensor]] = {}
+    for indices in members.values():
+        units.setdefault(int(labels[indices[0]]), []).append(torch.tensor(indices))
+    return dict(sorted(units.items()))
+
+
+def _shuffled(units: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    return [units[i] for i in torch.randperm(len(units), generator=generator).tolist()]
+
+
 def split_train_val(
-    labels: Tensor, val_fraction: float = VAL_FRACTION, seed: int = 0
+    labels: Tensor,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(train indices, val indices): per class, `val_fraction` of its samples (rounded, at
     least one, never all) drawn at random for validation; a class of one sample stays in
-    train. Sorted indices."""
+    train. With `groups` (one per sample, e.g. the source a sample was rendered or augmented
+    from) whole groups are drawn instead, so no group is on both sides: near-copies of a
+    training image in validation would score every C as if it generalised. Sorted indices."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
     generator = torch.Generator().manual_seed(seed)
     labels = labels.cpu()
     train, val = [], []
-    for label in torch.unique(labels).tolist():
-        index = torch.nonzero(labels == label).flatten()
-        index = index[torch.randperm(len(index), generator=generator)]
-        n_val = min(len(index) - 1, max(1, round(val_fraction * len(index))))
-        val.append(index[:n_val])
-        train.append(index[n_val:])
-    train_index, val_index = torch.cat(train).sort().values, torch.cat(val).sort().values
-    if len(val_index) == 0:
-        raise ValueError("no validation samples: every class has a single training sample")
-    return train_index, val_index
+    for units in _units(labels, groups).values():
+        units = _shuffled(units, generator)
+        n_val = min(len(units) - 1, max(1, round(val_fraction * len(units))))
+        val.extend(units[:n_val])
+        train.extend(units[n_val:])
+    if not val:
+        raise ValueError("no validation samples: every class has a single training sample (group)")
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def k_fold_splits(
+    labels: Tensor,
+    folds: int,
+    repeats: int = 1,
+    seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """(train indices, val indices) of stratified k-fold cross-validation, `repeats` times
+    with fresh shuffles: per class, its samples (with `groups`: its whole groups, as in
+    `split_train_val`) shuffled and dealt to the folds in turn, so every sample is validated
+    once per repeat and each fold holds ~1/k of every class. Sorted indices."""
+    if folds < 2:
+        raise ValueError(f"folds={folds} must be >= 2")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    labels = labels.cpu()
+    units_by_class = _units(labels, groups)
+    n_units = sum(len(units) for units in units_by_class.values())
+    if n_units < folds:
+        what = "samples" if groups is None else "groups"
+        raise ValueError(f"{folds}-fold cross-validation needs >= {folds} {what}, got {n_units}")
+    generator = torch.Generator().manual_seed(seed)
+    splits = []
+    for _ in range(repeats):
+        fold_of = torch.empty(len(labels), dtype=torch.long)
+        dealt = 0  # classes continue the deal where the last stopped, so the folds stay even
+        for units in units_by_class.values():
+            for unit in _shuffled(units, generator):
+                fold_of[unit] = dealt % folds
+                dealt += 1
+        for fold in range(folds):
+            splits.append(
+                (torch.nonzero(fold_of != fold).flatten(), torch.nonzero(fold_of == fold).flatten())
+            )
+    return splits
 
 
 @dataclass
 class ProbeResult:
-    """A linear probe: test top-1, the chosen C, its validation accuracy, the sizes."""
+    """A linear probe: test top-1, the chosen C, its validation accuracy (pooled over the
+    folds with cross-validation), the sizes."""
 
     top1: float
     c: float
     val_top1: float
-    n_train: int
-    n_val: int
+    n_train: int  # samples each C was fitted on (with cross-validation: all, refitted)
+    n_val: int  # validation samples (with cross-validation: all, each once per repeat)
     n_test: int
     sweep: dict[float, float] = field(repr=False)
     predictions: Tensor = field(repr=False)  # (N_test,)
+    folds: int | None = None  # k of k-fold cross-validation; None: one validation split
+    repeats: int = 1
+    n_groups: int | None = None  # groups kept whole by the validation splits
 
     def to_dict(self) -> dict[str, float | int]:
+        validation = (
+            {} if self.folds is None else {"cv_folds": self.folds, "cv_repeats": self.repeats}
+        )
+        if self.n_groups is not None:
+            validation["n_groups"] = self.n_groups
         return {
             "top1": self.top1,
             "C": self.c,
@@ -294,6 +385,7 @@ class ProbeResult:
             "n_val": self.n_val,
             "n_test": self.n_test,
             "n_C_tried": len(self.sweep),
+            **validation,
         }
 
 
@@ -303,18 +395,25 @@ def linear_probe(
     n_classes: int,
     *,
     val_fraction: float = VAL_FRACTION,
+    folds: int | None = None,
+    repeats: int = 1,
     seed: int = 0,
+    groups: Sequence[Hashable] | None = None,
     coarse: Sequence[float] = COARSE_EXPONENTS,
     refine_steps: int = REFINE_STEPS,
     prior: Tensor | None = None,
     max_iter: int = 1000,
     progress: bool = False,
 ) -> ProbeResult:
-    """CLIP's linear probe: C swept on a validation split of `train`, the model refitted on
-    all of `train` with it and scored on `test`. Features (N, D), labels (N,) in [0, C),
-    standardised with the statistics of the features each model is fitted on. `prior`: a
-    (C, D) head on the raw features (the zero-shot classifier: logits `features @ prior.T`)
-    that the weights are pulled towards instead of towards zero (module docstring)."""
+    """CLIP's linear probe: C swept on a validation split of `train` (`val_fraction` of each
+    class) or, with `folds`, by stratified k-fold cross-validation repeated `repeats` times
+    (for small training sets, where one split's score is too noisy to choose C); the model
+    refitted on all of `train` with it and scored on `test`. Features (N, D), labels (N,) in
+    [0, C), standardised with the statistics of the features each model is fitted on.
+    `groups` (one per training sample): keep each group on one side of every split.
+    `prior`: a (C, D) head on the raw features (the zero-shot classifier: logits
+    `features @ prior.T`) that the weights are pulled towards instead of towards zero
+    (module docstring)."""
     _check(*train, "train")
     _check(*test, "test")
     if prior is not None and tuple(prior.shape) != (n_classes, train[0].shape[1]):
@@ -322,18 +421,27 @@ def linear_probe(
             f"prior: expected the ({n_classes}, {train[0].shape[1]}) zero-shot classifier, got "
             f"{tuple(prior.shape)}"
         )
-    fit_index, val_index = split_train_val(train[1], val_fraction, seed)
+    if folds is None:
+        splits = [split_train_val(train[1], val_fraction, seed, groups)]
+    else:
+        splits = k_fold_splits(train[1], folds, repeats, seed, groups)
     x = train[0]
     y = train[1].to(x.device)
-    fit_index, val_index = fit_index.to(x.device), val_index.to(x.device)
-    scale = Standardizer.fit(x[fit_index])
+
+    def fold(fit_index: Tensor, val_index: Tensor) -> Fold:
+        fit_index, val_index = fit_index.to(x.device), val_index.to(x.device)
+        scale = Standardizer.fit(x[fit_index])
+        return Fold(
+            (scale(x[fit_index]), y[fit_index]),
+            (scale(x[val_index]), y[val_index]),
+            None if prior is None else scale.head(prior),
+        )
+
     found = sweep_c(
-        (scale(x[fit_index]), y[fit_index]),
-        (scale(x[val_index]), y[val_index]),
+        [fold(*split) for split in splits],
         n_classes,
         coarse=coarse,
         refine_steps=refine_steps,
-        prior=None if prior is None else scale.head(prior),
         max_iter=max_iter,
         progress=progress,
     )
@@ -347,15 +455,19 @@ def linear_probe(
         max_iter=max_iter,
     )
     predictions = model.predict(scale(test[0])).cpu()
+    single = folds is None
     return ProbeResult(
         top1=accuracy(predictions, test[1]),
         c=found.best_c,
         val_top1=found.scores[found.best_c],
-        n_train=len(fit_index),
-        n_val=len(val_index),
+        n_train=len(splits[0][0]) if single else len(y),
+        n_val=len(splits[0][1]) if single else len(y),
         n_test=len(test[1]),
         sweep=found.scores,
         predictions=predictions,
+        folds=folds,
+        repeats=1 if single else repeats,
+        n_groups=None if groups is None else len(set(groups)),
     )
 
 

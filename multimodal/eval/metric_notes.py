@@ -31,10 +31,26 @@ DEFINITIONS: tuple[tuple[str, str], ...] = (
     (r"(^|/)n_samples$", "images evaluated"),
     (r"(^|/)n_classes$", "classes (one averaged prompt embedding each)"),
     (r"(^|/)linear_probe/top1$", "linear probe top-1 on the test images"),
-    (r"(^|/)linear_probe/val_top1$", "linear probe top-1 on its validation split"),
+    (
+        r"(^|/)linear_probe/val_top1$",
+        "linear probe top-1 on its validation split (pooled over the folds with cross-validation)",
+    ),
     (
         r"(^|/)linear_probe(_zeroshot_prior)?/C$",
-        "inverse L2 strength chosen on the validation split",
+        "inverse L2 strength chosen on the validation split (or by cross-validation)",
+    ),
+    (
+        r"(^|/)linear_probe(_zeroshot_prior)?/cv_folds$",
+        "k of the stratified k-fold cross-validation that chose C",
+    ),
+    (
+        r"(^|/)linear_probe(_zeroshot_prior)?/n_groups$",
+        "groups of training images (keys equal but for --probe-group-pattern) that no "
+        "validation split divides",
+    ),
+    (
+        r"(^|/)linear_probe(_zeroshot_prior)?/cv_repeats$",
+        "times the cross-validation was repeated, reshuffled (scores pooled)",
     ),
     (
         r"(^|/)linear_probe_zeroshot_prior/top1$",

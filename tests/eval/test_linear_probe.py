@@ -21,13 +21,20 @@ from multimodal.data.digits import DIGIT_NAMES, load_digit_images
 from multimodal.eval import commands, evaluate
 from multimodal.eval.class_names import render_prompts, templates
 from multimodal.eval.commands import zeroshot_main
-from multimodal.eval.evaluate import embed_labelled_images, eval_loader
+from multimodal.eval.evaluate import (
+    embed_labelled_images,
+    embed_labelled_images_and_keys,
+    eval_loader,
+    probe_groups,
+)
 from multimodal.eval.linear_probe import (
+    Fold,
     LogisticModel,
     Standardizer,
     accuracy,
     few_shot_indices,
     fit_logistic,
+    k_fold_splits,
     knn_predict,
     knn_probe,
     linear_probe,
@@ -81,7 +88,7 @@ def test_sweep_picks_the_best_validation_accuracy(pixels):
     (x, y), _ = pixels
     fit, val = split_train_val(y, 0.3, seed=0)
     train_set, val_set = (x[fit], y[fit]), (x[val], y[val])
-    sweep = sweep_c(train_set, val_set, 10, coarse=(-3, -1, 1), refine_steps=2)
+    sweep = sweep_c([Fold(train_set, val_set)], 10, coarse=(-3, -1, 1), refine_steps=2)
     # coarse grid, then 2 refinements of +-1 and +-0.5 decades around the best so far
     assert {10.0**e for e in (-3, -1, 1)} <= set(sweep.scores)
     assert 5 <= len(sweep.scores) <= 7
@@ -172,6 +179,82 @@ def test_split_keeps_every_class_in_train_and_is_seeded():
     assert set(labels[train].tolist()) == {0, 1, 2}
     again = split_train_val(labels, 0.2, seed=3)
     assert torch.equal(again[0], train) and torch.equal(again[1], val)
+
+
+def test_k_fold_splits_validate_each_sample_once_per_repeat_with_every_class_in_each_fold():
+    labels = torch.tensor([0] * 12 + [1] * 7 + [2] * 3)
+    splits = k_fold_splits(labels, 3, repeats=2, seed=1)
+    assert len(splits) == 6
+    for repeat in (splits[:3], splits[3:]):
+        validated = torch.cat([val for _, val in repeat]).sort().values
+        assert validated.tolist() == list(range(22))  # each sample validated exactly once
+        for train, val in repeat:
+            assert sorted(torch.cat([train, val]).tolist()) == list(range(22))
+            counts = torch.bincount(labels[val], minlength=3).tolist()
+            assert counts[0] == 4 and counts[1] in (2, 3) and counts[2] == 1  # stratified
+        assert sorted(len(val) for _, val in repeat) == [7, 7, 8]  # even folds
+    assert not torch.equal(splits[0][1], splits[3][1])  # a repeat reshuffles
+    again = k_fold_splits(labels, 3, repeats=2, seed=1)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(again, splits, strict=True))
+    with pytest.raises(ValueError, match="folds=1 must be >= 2"):
+        k_fold_splits(labels, 1)
+    with pytest.raises(ValueError, match="needs >= 30 samples, got 22"):
+        k_fold_splits(labels, 30)
+
+
+def test_cross_validated_probe_chooses_c_by_the_pooled_fold_accuracy(pixels):
+    """`linear_probe(folds=3, repeats=2)` against the same protocol written out: every C of
+    its sweep fitted on each fold's standardised training part and scored on the rest; the
+    chosen C has the most correct validation predictions over all six folds (a tie: the lower
+    pooled cross-entropy), and the reported test top-1 is the refit on all of train."""
+    train, test = pixels
+    train = (train[0][:240], train[1][:240])
+    result = linear_probe(train, test, 10, folds=3, repeats=2, coarse=(-2, 0, 2), refine_steps=1)
+    assert result.to_dict()["cv_folds"] == 3 and result.to_dict()["cv_repeats"] == 2
+    assert result.n_val == result.n_train == 240
+    correct, losses = {}, {}
+    for c in result.sweep:
+        correct[c], losses[c] = 0, 0.0
+        for fit_index, val_index in k_fold_splits(train[1], 3, repeats=2):
+            scale = Standardizer.fit(train[0][fit_index])
+            model = fit_logistic(scale(train[0][fit_index]), train[1][fit_index], 10, c)
+            logits = model.logits(scale(train[0][val_index]))
+            correct[c] += (logits.argmax(1) == train[1][val_index]).sum().item()
+            losses[c] += F.cross_entropy(logits, train[1][val_index], reduction="sum").item()
+    assert {c: n / 480 for c, n in correct.items()} == result.sweep
+    assert result.c == min(correct, key=lambda c: (-correct[c], losses[c], c))
+    scale = Standardizer.fit(train[0])
+    refit = fit_logistic(scale(train[0]), train[1], 10, result.c)
+    assert torch.equal(result.predictions, refit.predict(scale(test[0])))
+    assert result.top1 == accuracy(result.predictions, test[1]) > 0.85
+
+
+def test_grouped_splits_keep_each_group_on_one_side():
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    groups = [f"scan{i // 3}" for i in range(24)]  # 8 groups of 3 renderings, 4 a class
+    train, val = split_train_val(labels, 0.25, seed=2, groups=groups)
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(24))
+    assert {groups[i] for i in train.tolist()}.isdisjoint(groups[i] for i in val.tolist())
+    assert len(val) == 6 and torch.bincount(labels[val]).tolist() == [3, 3]  # 1 of 4 a class
+    for _, fold in k_fold_splits(labels, 4, repeats=2, seed=2, groups=groups):
+        # each fold validates two whole groups, one of each class
+        held = {groups[i] for i in fold.tolist()}
+        assert len(held) == 2 and len(fold) == 6
+        assert sorted(torch.bincount(labels[fold]).tolist()) == [3, 3]
+    with pytest.raises(ValueError, match=r"needs >= 9 groups, got 8"):
+        k_fold_splits(labels, 9, groups=groups)
+    with pytest.raises(ValueError, match=r"one per sample \(24\), got 3"):
+        split_train_val(labels, groups=groups[:3])
+
+
+def test_probe_groups_strip_the_pattern_from_the_keys():
+    keys = ["digit-000001", "digit-000001-r1", "digit-000001-r7", "digit-000002"]
+    assert probe_groups(keys, r"-r\d+$") == ["digit-000001"] * 3 + ["digit-000002"]
+    assert probe_groups(keys, None) is None
+    with pytest.raises(ValueError, match=r"matches none of the 4 training keys"):
+        probe_groups(keys, r"-x\d+$")
+    with pytest.raises(ValueError, match=r"probe group pattern '\(': "):
+        probe_groups(keys, "(")
 
 
 def brute_force_knn(train_x, train_y, test_x, k: int) -> list[int]:
@@ -286,6 +369,28 @@ def test_zeroshot_reports_the_probes_next_to_zero_shot(tiny_run, tmp_path, monke
     ):  # fmt: skip
         assert method in summary
     assert "logistic regression" in summary and "**linear probe data**" in summary
+    assert "on a validation split of 20% of them" in summary
+
+    # --probe-folds / --probe-repeats: C by repeated k-fold cross-validation, same wiring
+    folds_out = tmp_path / "folds"
+    argv[argv.index("--out") + 1] = str(folds_out)
+    # ...and the images of each folder's same tens digit of file number kept together
+    argv += ["--probe-folds", "3", "--probe-repeats", "2", "--probe-group-pattern", r"\d\.png$"]
+    assert zeroshot_main(argv) == 0
+    metrics = json.loads((folds_out / "metrics.json").read_text())
+    *_, keys = embed_labelled_images_and_keys(loaded, eval_loader(train, loaded, num_workers=0))
+    groups = probe_groups(keys, r"\d\.png$")
+    assert 12 <= len(set(groups)) < 120
+    folded = probe(features["train"], features["test"], 10, folds=3, repeats=2, groups=groups)
+    assert metrics["linear_probe"] == folded.to_dict()
+    assert metrics["linear_probe"]["cv_folds"] == 3 and metrics["linear_probe"]["n_val"] == 120
+    assert metrics["linear_probe"]["n_groups"] == len(set(groups))
+    folded_prior = probe(
+        features["train"], features["test"], 10, folds=3, repeats=2, groups=groups, prior=classifier
+    )
+    assert metrics["linear_probe_zeroshot_prior"] == folded_prior.to_dict()
+    summary = (folds_out / "summary.md").read_text()
+    assert "by 3-fold cross-validation on them, 2 times (kept whole: " in summary
 
 
 def test_probe_arguments_are_checked(tiny_run, tmp_path, capsys, monkeypatch):
@@ -297,6 +402,20 @@ def test_probe_arguments_are_checked(tiny_run, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         zeroshot_main([*base, "--knn", "3"])
     assert "--linear-probe TRAIN_DATA" in capsys.readouterr().err
+    for extra, message in (
+        (["--probe-folds", "5"], "--probe-folds needs labelled training images"),
+        (["--linear-probe", test, "--probe-repeats", "3"], "--probe-repeats needs --probe-folds K"),
+        (["--linear-probe", test, "--probe-folds", "1"], "--probe-folds=1 must be >= 2"),
+        (["--probe-group-pattern=-r"], "--probe-group-pattern needs --linear-probe"),
+        (["--linear-probe", test, "--probe-group-pattern", "("], "--probe-group-pattern '(': "),
+        (
+            ["--linear-probe", test, "--probe-folds", "2", "--probe-repeats", "0"],
+            "--probe-repeats=0 must be >= 1",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            zeroshot_main([*base, *extra])
+        assert message in capsys.readouterr().err
     other = tmp_path / "other"  # a training tree of other class names
     for name in ("cat", "dog"):
         (other / name).mkdir(parents=True)
