@@ -48,19 +48,22 @@ def test_make_demo_retrieves_instances_and_classifies_zero_shot(demo_run):
 
 def test_probes_of_the_demo_clip_against_its_zero_shot(demo_run, tmp_path):
     """`multimodal zeroshot` on the demo's last checkpoint scores what the demo reported, and
-    the linear probes trained on the training and validation renderings (10,326) are level
-    with zero-shot: zero-shot sits at the linear separability of these image features. Issue
-    15 asked for probe >= zero-shot; measured on the demo CLIP (test images of 270): bf16,
-    6 epochs: zero-shot 0.889, probe 0.893, with the zero-shot prior 0.907; fp32, 10 epochs
-    (this test, two runs): 0.937, 0.930, 0.933 and 0.941, 0.956, 0.952. The probes' validation
-    split holds other renderings of the same training scans (top-1 0.996-0.997 there), so it
-    cannot tell a better C from a worse."""
+    the linear probes, trained on the training and validation renderings (10,326) with the
+    renderings of one scan kept on one side of their validation split, are level with
+    zero-shot (within 1.5 points), not strictly above it as issue 15 asked.
+
+    Measured (270 test images): the zero-shot-prior probe minus zero-shot on eleven demo
+    CLIPs, one split seed each, +1, +6, 0, +5, +5, 0, +4, +8, +5, +3, +26 images; but on one
+    CLIP trained as `make demo` trains it (fp32, 10 epochs, zero-shot 0.922) five split seeds
+    gave -1, -1, -1, 0, 0. The CLIP has memorised its training scans (zero-shot top-1 0.997
+    on them, 0.948 on the validation scans), so any validation split of those renderings
+    scores ~0.995 for almost every C and cannot tell a probe that generalises to new scans."""
     (checkpoint,) = demo_run.glob("lightning_logs/version_*/checkpoints/last.ckpt")
     shards = demo_run / "shards" / "instances"
     out = tmp_path / "report"
     argv = [
         "--checkpoint", str(checkpoint), "--data", str(shards / "test"), "--classes", "digits",
-        "--linear-probe", f"{shards}/{{train,val}}/*.tar",
+        "--linear-probe", f"{shards}/{{train,val}}/*.tar", r"--probe-group-pattern=-r\d+$",
         "--out", str(out), "--examples", "0", "--no-progress",
     ]  # fmt: skip
     assert zeroshot_main(argv) == 0
@@ -75,6 +78,7 @@ def test_probes_of_the_demo_clip_against_its_zero_shot(demo_run, tmp_path):
     )
     sizes = metrics["linear_probe_zeroshot_prior"]
     assert sizes["n_train"] + sizes["n_val"] == 10_326 and sizes["n_test"] == 270
+    assert sizes["n_groups"] == 1_527  # the scans of the train and val splits
     for probe in (plain, prior):
         assert 100 * (probe - zeroshot) >= -LEVEL_POINTS, (probe, zeroshot)
 

@@ -10,6 +10,11 @@ Routes on torch 2.14.1:
 - ONNX through `torch.onnx.export(..., dynamo=True)` (the torch.export-based exporter), run
   with ONNX Runtime: supported; needs the optional extra (`pip install 'multimodal[export]'`:
   onnx, onnxscript, onnxruntime), imported only when used.
+- ONNX int8 (`--int8`): each ONNX file also quantized by ONNX Runtime's dynamic quantization
+  (`onnxruntime.quantization.quantize_dynamic`: int8 weights of every MatMul, activations
+  quantized per batch at run time) into `<tower>.int8.onnx`, checked by its smallest cosine
+  to the eager embeddings (an int8 model cannot match to 1e-4). On a ViT-B/16 image tower on
+  2 CPU cores it runs ~2.6x faster than the fp32 ONNX file (bench/inference.py).
 - TorchScript: refused. `torch.jit.trace` fails inside `F.scaled_dot_product_attention`
   (`enable_gqa` is traced into a tensor) and `torch.jit.script` cannot compile the layers'
   annotations; TorchScript is deprecated in favour of torch.export.
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multimodal.eval.loading import LoadedModel
@@ -216,6 +222,33 @@ def max_abs_diff(runner: Runner, module: nn.Module, inputs: dict[str, Tensor]) -
     return max((a.float() - b.float()).abs().max().item() for a, b in pairs)
 
 
+def min_cosine(runner: Runner, module: nn.Module, inputs: dict[str, Tensor]) -> float:
+    """Smallest cosine similarity between an exported embedding and eager's, over every row
+    of every output of `module` on `inputs` (how close a quantized file is)."""
+    with torch.no_grad():
+        eager = module(*inputs.values())
+    eager = list(eager) if isinstance(eager, tuple | list) else [eager]
+    exported = runner(inputs)
+    pairs = zip(exported, eager, strict=True)
+    return min(F.cosine_similarity(a.float(), b.float(), dim=-1).min().item() for a, b in pairs)
+
+
+def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """`source` (.onnx) with int8 weights in every MatMul and Gemm and activations quantized
+    per batch at run time (ONNX Runtime's dynamic quantization, for CPU inference), written
+    to `target` through a temporary file so a failed run leaves no partial model."""
+    require_onnx()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = Path(target)
+    partial = target.with_name(f".{target.name}.partial")
+    quantize_dynamic(
+        source, partial, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+    )
+    partial.replace(target)
+    return target
+
+
 def input_spec(loaded: LoadedModel) -> InputSpec:
     """The input shapes of `loaded`: the image shape its evaluation transform makes, its
     context length and its tokenizer's vocabulary."""
@@ -251,6 +284,8 @@ class ExportedFile:
     outputs: list[str]
     max_abs_diff: float
     check_batch: int
+    quantized: str | None = None  # "int8": ONNX Runtime's dynamic quantization of `format`
+    min_cosine: float | None = None  # smallest cosine to eager over the check batch's rows
 
 
 @dataclass
@@ -287,12 +322,18 @@ def export_towers(
     towers: Sequence[str] = ("image", "text"),
     check_batch: int = 3,
     seed: int = 0,
+    int8: bool = False,
 ) -> Manifest:
     """Export each of `towers` of `loaded.model` (on the CPU, fp32) to `out_dir/<tower>.<format>`,
     check each reloaded file against eager on a random batch of `check_batch`, and write the
-    manifest (`manifest.json`). Returns the manifest."""
+    manifest (`manifest.json`). `int8` (ONNX only): also `<tower>.int8.onnx`, quantized by
+    `quantize_onnx` and checked by `min_cosine`. Returns the manifest."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r} must be one of {list(FORMATS)}")
+    if int8 and format != "onnx":
+        raise ValueError(
+            f"int8 export is for ONNX files (ONNX Runtime's quantization), not {format}"
+        )
     for tower in towers:
         if tower not in EMBEDDERS:
             raise ValueError(f"tower={tower!r} must be one of {list(EMBEDDERS)}")
@@ -330,5 +371,21 @@ def export_towers(
                 check_batch=check_batch,
             )
         )
+        if int8:
+            quantized = quantize_onnx(path, out / f"{tower}.int8.onnx")
+            runner = load_runner(quantized)
+            manifest.files.append(
+                ExportedFile(
+                    tower=tower,
+                    format=format,
+                    file=quantized.name,
+                    inputs=_input_description(check),
+                    outputs=list(module.output_names),
+                    max_abs_diff=max_abs_diff(runner, module, check),
+                    check_batch=check_batch,
+                    quantized="int8",
+                    min_cosine=min_cosine(runner, module, check),
+                )
+            )
     manifest.write(out)
     return manifest

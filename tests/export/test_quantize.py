@@ -122,3 +122,44 @@ def test_int8_digits_clip_zero_shot_drops_at_most_one_point(
     _, checkpoint = trained_digits_clip
     config = CONFIGS / "clip/digits.yaml"
     assert int8_top1_drop_points(checkpoint, config, demo_shards / "test", tmp_path) <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("trained_digits_clip")  # one worker trains the shared CLIP
+def test_onnx_int8_image_tower_keeps_the_digits_clip_zero_shot(
+    trained_digits_clip, demo_shards, tmp_path
+):
+    """`multimodal export --format onnx --int8`'s image file (ONNX Runtime's dynamic int8)
+    classifies the 270 test digits zero-shot, against the eager model's text classifier,
+    within one point of the eager image tower."""
+    pytest.importorskip("onnxruntime", reason="the optional extra multimodal[export]")
+    pytest.importorskip("onnxscript", reason="the optional extra multimodal[export]")
+    from multimodal.eval.class_names import render_prompts
+    from multimodal.eval.zeroshot import zeroshot_classifier
+    from multimodal.export.export import export_towers, load_runner
+
+    _, checkpoint = trained_digits_clip
+    loaded = load_model(checkpoint, config=CONFIGS / "clip/digits.yaml")
+    manifest = export_towers(loaded, tmp_path, format="onnx", towers=("image",), int8=True)
+    assert [f.file for f in manifest.files] == ["image.onnx", "image.int8.onnx"]
+    int8 = load_runner(tmp_path / "image.int8.onnx")
+    prompts = render_prompts(class_names("digits"), templates("digits"))
+    classifier = zeroshot_classifier(
+        loaded.model, loaded.tokenizer, prompts, context_length=loaded.context_length
+    )
+    correct = {"fp32": 0, "int8": 0}
+    total = 0
+    for batch in eval_loader(str(demo_shards / "test"), loaded, num_workers=0):
+        with torch.no_grad():
+            features = {
+                "fp32": loaded.model.encode_image(batch["images"]),
+                "int8": int8({"images": batch["images"]})[0],
+            }
+        for name, feature in features.items():
+            predicted = (feature @ classifier.T).argmax(1)
+            correct[name] += (predicted == batch["labels"]).sum().item()
+        total += len(batch["labels"])
+    assert total == 270
+    top1 = {name: n / total for name, n in correct.items()}
+    print(f"zero-shot top-1 fp32 {top1['fp32']:.4f}, ONNX int8 image tower {top1['int8']:.4f}")
+    assert top1["fp32"] >= 0.9 and 100 * (top1["fp32"] - top1["int8"]) <= 1.0
