@@ -83,7 +83,7 @@ def embed_data(
     )
     recorder = _Recorder(loader)
     if captions is None:
-        features, labels = embed_labelled_images(
+        features, labels, _ = embed_labelled_images(
             loaded, recorder, precision=options.precision, progress=options.progress
         )
         embeddings = Embeddings(features.cpu(), labels.cpu(), recorder.keys)

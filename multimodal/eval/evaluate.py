@@ -683,7 +683,7 @@ def _retrieval_examples(
 
 
 @torch.no_grad()
-def embed_labelled_images_and_keys(
+def embed_labelled_images(
     loaded: LoadedModel,
     loader: EvalLoader,
     *,
@@ -692,8 +692,9 @@ def embed_labelled_images_and_keys(
     desc: str = "images",
 ) -> tuple[Tensor, Tensor, list[str]]:
     """(image features (N, D) L2-normalised fp32 on the model's device, labels (N,) on the
-    CPU, sample keys) of every labelled image of `loader`, sorted by sample key: the order (and so a
-    probe's seeded validation split) does not depend on how many workers read the data.
+    CPU, sample keys) of every labelled image of `loader`, sorted by sample key: the order
+    (and so a probe's seeded validation split) does not depend on how many workers read the
+    data; the keys name the groups of `probe_groups`.
     ValueError for an unlabelled image."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {list(PRECISIONS)}")
@@ -722,21 +723,6 @@ def embed_labelled_images_and_keys(
         torch.cat(labels)[index],
         [keys[i] for i in order],
     )
-
-
-def embed_labelled_images(
-    loaded: LoadedModel,
-    loader: EvalLoader,
-    *,
-    precision: str = "fp32",
-    progress: bool = True,
-    desc: str = "images",
-) -> tuple[Tensor, Tensor]:
-    """`embed_labelled_images_and_keys` without the keys."""
-    features, labels, _ = embed_labelled_images_and_keys(
-        loaded, loader, precision=precision, progress=progress, desc=desc
-    )
-    return features, labels
 
 
 def probe_groups(keys: Sequence[str], pattern: str | None) -> list[str] | None:
@@ -814,14 +800,15 @@ def run_probes(
     if not linear and knn_k is None:
         raise ValueError("run_probes: nothing to run (linear=False and knn_k=None)")
     train_loader, test_loader = train_loaders(), test_loaders()
-    *train, train_keys = embed_labelled_images_and_keys(
+    *train, train_keys = embed_labelled_images(
         loaded, train_loader, precision=precision, progress=progress, desc="train images"
     )
     train = tuple(train)
     groups = probe_groups(train_keys, group_pattern)
-    test = embed_labelled_images(
+    *test, _ = embed_labelled_images(
         loaded, test_loader, precision=precision, progress=progress, desc="test images"
     )
+    test = tuple(test)
     for name, (_, labels) in (("training", train), ("test", test)):
         if labels.max() >= n_classes:
             raise ValueError(f"the {name} data has label {labels.max()} but {n_classes} classes")

@@ -314,6 +314,30 @@ def _input_description(inputs: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _checked(
+    path: Path,
+    tower: str,
+    format: str,
+    module: nn.Module,
+    check: dict[str, Tensor],
+    quantized: str | None = None,
+) -> ExportedFile:
+    """The manifest entry of an exported file: reloaded and compared with eager on `check`
+    (a quantized file also by `min_cosine`)."""
+    runner = load_runner(path)
+    return ExportedFile(
+        tower=tower,
+        format=format,
+        file=path.name,
+        inputs=_input_description(check),
+        outputs=list(module.output_names),
+        max_abs_diff=max_abs_diff(runner, module, check),
+        check_batch=len(next(iter(check.values()))),
+        quantized=quantized,
+        min_cosine=None if quantized is None else min_cosine(runner, module, check),
+    )
+
+
 def export_towers(
     loaded: LoadedModel,
     out_dir: str | os.PathLike,
@@ -357,35 +381,11 @@ def export_towers(
     for tower in towers:
         module = EMBEDDERS[tower](model).eval()
         traced = example_inputs(tower, spec, EXAMPLE_BATCH, generator=generator)
-        path = save(module, traced, out / f"{tower}.{format}")
         check = example_inputs(tower, spec, check_batch, generator=generator)
-        diff = max_abs_diff(load_runner(path), module, check)
-        manifest.files.append(
-            ExportedFile(
-                tower=tower,
-                format=format,
-                file=path.name,
-                inputs=_input_description(check),
-                outputs=list(module.output_names),
-                max_abs_diff=diff,
-                check_batch=check_batch,
-            )
-        )
+        path = save(module, traced, out / f"{tower}.{format}")
+        manifest.files.append(_checked(path, tower, format, module, check))
         if int8:
             quantized = quantize_onnx(path, out / f"{tower}.int8.onnx")
-            runner = load_runner(quantized)
-            manifest.files.append(
-                ExportedFile(
-                    tower=tower,
-                    format=format,
-                    file=quantized.name,
-                    inputs=_input_description(check),
-                    outputs=list(module.output_names),
-                    max_abs_diff=max_abs_diff(runner, module, check),
-                    check_batch=check_batch,
-                    quantized="int8",
-                    min_cosine=min_cosine(runner, module, check),
-                )
-            )
+            manifest.files.append(_checked(quantized, tower, format, module, check, "int8"))
     manifest.write(out)
     return manifest

@@ -23,7 +23,6 @@ from multimodal.eval.class_names import render_prompts, templates
 from multimodal.eval.commands import zeroshot_main
 from multimodal.eval.evaluate import (
     embed_labelled_images,
-    embed_labelled_images_and_keys,
     eval_loader,
     probe_groups,
 )
@@ -342,7 +341,7 @@ def test_zeroshot_reports_the_probes_next_to_zero_shot(tiny_run, tmp_path, monke
 
     # by hand: the features of both folders, the probes applied to them
     features = {
-        name: embed_labelled_images(loaded, eval_loader(data, loaded, num_workers=0))
+        name: embed_labelled_images(loaded, eval_loader(data, loaded, num_workers=0))[:2]
         for name, data in (("train", train), ("test", test))
     }
     result = probe(features["train"], features["test"], 10)
@@ -378,7 +377,7 @@ def test_zeroshot_reports_the_probes_next_to_zero_shot(tiny_run, tmp_path, monke
     argv += ["--probe-folds", "3", "--probe-repeats", "2", "--probe-group-pattern", r"\d\.png$"]
     assert zeroshot_main(argv) == 0
     metrics = json.loads((folds_out / "metrics.json").read_text())
-    *_, keys = embed_labelled_images_and_keys(loaded, eval_loader(train, loaded, num_workers=0))
+    *_, keys = embed_labelled_images(loaded, eval_loader(train, loaded, num_workers=0))
     groups = probe_groups(keys, r"\d\.png$")
     assert 12 <= len(set(groups)) < 120
     folded = probe(features["train"], features["test"], 10, folds=3, repeats=2, groups=groups)
