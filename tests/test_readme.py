@@ -49,6 +49,11 @@ SKIPS: tuple[tuple[str, str], ...] = (
         "needs a SLURM cluster (test_cluster.py runs it under a stand-in srun)",
     ),
     (r"^configs/cluster/torchrun\.sh\b", "one process per GPU of a GPU machine"),
+    (
+        r"--checkpoint runs/demo/",
+        "needs `make demo`'s full run (skipped above); tests/test_demo_figures.py runs this "
+        "zeroshot command, probes and group pattern included, on the demo's checkpoint",
+    ),
 )
 
 
