@@ -1,7 +1,8 @@
 """CPU inference of a CLIP image embedding (ViT-B/16 at 224 px as configs/clip/vit_b16.yaml,
 projection, L2 norm): eager fp32 vs int8 (`multimodal.export.quantize`) vs ONNX Runtime (the
-`multimodal export` ONNX graph) vs ONNX Runtime int8 (its `--int8` file), images/s and ratios against eager fp32 measured in the same
-run (interleaved, median of repeats); never a timed test. Needs the `export` extra for ONNX.
+`multimodal export` ONNX graph) vs ONNX Runtime int8 (its `--int8` file), images/s and
+ratios against eager fp32 measured in the same run (interleaved, median of repeats); never a
+timed test. Needs the `export` extra for ONNX.
 
     python bench/inference.py            # ViT-B/16, 224 px, batch 32 (a few minutes on 2 cores)
     python bench/inference.py --small    # a 4-layer 192-wide ViT at 112 px, batch 8 (seconds)
