@@ -46,7 +46,13 @@ from multimodal.eval.datasets import (
     parse_spec,
 )
 from multimodal.eval.itm_rerank import check_itm_model, itm_pair_scores, rerank_with_scores
-from multimodal.eval.linear_probe import KnnResult, ProbeResult, knn_probe, linear_probe
+from multimodal.eval.linear_probe import (
+    VAL_FRACTION,
+    KnnResult,
+    ProbeResult,
+    knn_probe,
+    linear_probe,
+)
 from multimodal.eval.loading import LoadedModel
 from multimodal.eval.metric_notes import reachable_image_to_text
 from multimodal.eval.report import (
@@ -800,15 +806,14 @@ def run_probes(
     if not linear and knn_k is None:
         raise ValueError("run_probes: nothing to run (linear=False and knn_k=None)")
     train_loader, test_loader = train_loaders(), test_loaders()
-    *train, train_keys = embed_labelled_images(
+    train_features, train_labels, train_keys = embed_labelled_images(
         loaded, train_loader, precision=precision, progress=progress, desc="train images"
     )
-    train = tuple(train)
-    groups = probe_groups(train_keys, group_pattern)
-    *test, _ = embed_labelled_images(
+    groups = probe_groups(train_keys, group_pattern)  # a pattern matching no key: fail now
+    test_features, test_labels, _ = embed_labelled_images(
         loaded, test_loader, precision=precision, progress=progress, desc="test images"
     )
-    test = tuple(test)
+    train, test = (train_features, train_labels), (test_features, test_labels)
     for name, (_, labels) in (("training", train), ("test", test)):
         if labels.max() >= n_classes:
             raise ValueError(f"the {name} data has label {labels.max()} but {n_classes} classes")
@@ -861,7 +866,7 @@ def run_probes(
         metrics["probe_skipped"] = dict(skipped)
     grouped = "" if groups is None else f" (kept whole: {len(set(groups))} groups of keys)"
     validation = (
-        "on a validation split of 20% of them"
+        f"on a validation split of {VAL_FRACTION:.0%} of them"
         if folds is None
         else f"by {folds}-fold cross-validation on them"
         + (f", {repeats} times" if repeats > 1 else "")

@@ -11,10 +11,10 @@ Routes on torch 2.14.1:
   with ONNX Runtime: supported; needs the optional extra (`pip install 'multimodal[export]'`:
   onnx, onnxscript, onnxruntime), imported only when used.
 - ONNX int8 (`--int8`): each ONNX file also quantized by ONNX Runtime's dynamic quantization
-  (`onnxruntime.quantization.quantize_dynamic`: int8 weights of every MatMul, activations
+  (`quantize_onnx`: int8 weights of every MatMul and Gemm with a weight, activations
   quantized per batch at run time) into `<tower>.int8.onnx`, checked by its smallest cosine
   to the eager embeddings (an int8 model cannot match to 1e-4). On a ViT-B/16 image tower on
-  2 CPU cores it runs ~2.6x faster than the fp32 ONNX file (bench/inference.py).
+  2 CPU cores it ran 2.8x faster than the fp32 ONNX file at batch 32 (bench/inference.py).
 - TorchScript: refused. `torch.jit.trace` fails inside `F.scaled_dot_product_attention`
   (`enable_gqa` is traced into a tensor) and `torch.jit.script` cannot compile the layers'
   annotations; TorchScript is deprecated in favour of torch.export.
@@ -210,27 +210,36 @@ def load_runner(path: str | os.PathLike) -> Runner:
     raise ValueError(f"{str(path)!r}: expected a .pt2 or .onnx file")
 
 
-def max_abs_diff(runner: Runner, module: nn.Module, inputs: dict[str, Tensor]) -> float:
-    """Largest |exported - eager| over every output of `module` on `inputs`."""
+def paired_outputs(
+    runner: Runner, module: nn.Module, inputs: dict[str, Tensor]
+) -> list[tuple[Tensor, Tensor]]:
+    """(exported, eager) for every output of `module` on `inputs`, each run once."""
     with torch.no_grad():
         eager = module(*inputs.values())
     eager = list(eager) if isinstance(eager, tuple | list) else [eager]
     exported = runner(inputs)
     if len(exported) != len(eager):
         raise ValueError(f"the exported file gives {len(exported)} outputs, eager {len(eager)}")
-    pairs = zip(exported, eager, strict=True)
+    return list(zip(exported, eager, strict=True))
+
+
+def _largest_diff(pairs: list[tuple[Tensor, Tensor]]) -> float:
     return max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+
+
+def _smallest_cosine(pairs: list[tuple[Tensor, Tensor]]) -> float:
+    return min(F.cosine_similarity(a.float(), b.float(), dim=-1).min().item() for a, b in pairs)
+
+
+def max_abs_diff(runner: Runner, module: nn.Module, inputs: dict[str, Tensor]) -> float:
+    """Largest |exported - eager| over every output of `module` on `inputs`."""
+    return _largest_diff(paired_outputs(runner, module, inputs))
 
 
 def min_cosine(runner: Runner, module: nn.Module, inputs: dict[str, Tensor]) -> float:
     """Smallest cosine similarity between an exported embedding and eager's, over every row
     of every output of `module` on `inputs` (how close a quantized file is)."""
-    with torch.no_grad():
-        eager = module(*inputs.values())
-    eager = list(eager) if isinstance(eager, tuple | list) else [eager]
-    exported = runner(inputs)
-    pairs = zip(exported, eager, strict=True)
-    return min(F.cosine_similarity(a.float(), b.float(), dim=-1).min().item() for a, b in pairs)
+    return _smallest_cosine(paired_outputs(runner, module, inputs))
 
 
 def quantize_onnx(source: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -323,18 +332,18 @@ def _checked(
     quantized: str | None = None,
 ) -> ExportedFile:
     """The manifest entry of an exported file: reloaded and compared with eager on `check`
-    (a quantized file also by `min_cosine`)."""
-    runner = load_runner(path)
+    (a quantized file also by its smallest cosine), the file and eager each run once."""
+    pairs = paired_outputs(load_runner(path), module, check)
     return ExportedFile(
         tower=tower,
         format=format,
         file=path.name,
         inputs=_input_description(check),
         outputs=list(module.output_names),
-        max_abs_diff=max_abs_diff(runner, module, check),
+        max_abs_diff=_largest_diff(pairs),
         check_batch=len(next(iter(check.values()))),
         quantized=quantized,
-        min_cosine=None if quantized is None else min_cosine(runner, module, check),
+        min_cosine=None if quantized is None else _smallest_cosine(pairs),
     )
 
 
