@@ -95,8 +95,11 @@ def write_data(root: Path, progress: bool = True, variant: str = VARIANT) -> Pat
     from multimodal.data import instances
     from multimodal.data.demo import TOKENIZER_DIR, write_demo_shards
 
-    pattern = f"{instances.PREFIX if variant == 'instances' else plain.PREFIX}-*.tar"
-    present = all(any((root / split).glob(pattern)) for split in SPLITS)
+    if variant == "instances":
+        pattern, splits = f"{instances.PREFIX}-*.tar", instances.SPLITS  # with "probe"
+    else:
+        pattern, splits = f"{plain.PREFIX}-*.tar", SPLITS
+    present = all(any((root / split).glob(pattern)) for split in splits)
     if present and (root / TOKENIZER_DIR).is_dir():
         print(f"demo data: {root} (already written)")
         return root

@@ -38,6 +38,8 @@ def test_demo_writes_the_zeroshot_and_retrieval_report(variant, tmp_path, capsys
         assert title in html
     assert html.count('src="data:image/png;base64,') >= 16 + 4 * 5
     assert (out / demo.DATA_DIR / variant / "tokenizer").is_dir()
+    probe = sorted((out / demo.DATA_DIR / variant).glob("probe/*.tar"))
+    assert len(probe) == (9 if variant == "instances" else 0)  # 2,160 renderings, 256 a shard
     assert sorted(p.name for p in (out / demo.DATA_DIR / variant / "test").glob("*.tar")) == [
         f"{variant}-000000.tar",
         f"{variant}-000001.tar",
@@ -57,3 +59,29 @@ def test_demo_names_the_missing_config(monkeypatch):
     monkeypatch.setattr(demo, "CONFIGS", missing)
     with pytest.raises(FileNotFoundError, match="no-such-config.yaml.*checkout"):
         demo.main(["--epochs", "1"])
+
+
+def test_demo_data_is_written_again_when_a_split_is_missing(tmp_path, monkeypatch, capsys):
+    """An instance demo written before the probe split existed is written again (the README's
+    probe command reads `probe/`); a complete one is kept."""
+    from multimodal.data import demo as demo_data
+
+    written = []
+    monkeypatch.setattr(demo_data, "write_demo_shards", lambda root, **kw: written.append(kw))
+    root = tmp_path / "instances"
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True)
+        (root / split / "instances-000000.tar").touch()
+    (root / "tokenizer").mkdir()
+    demo.write_data(root, progress=False, variant="instances")
+    assert [kw["variant"] for kw in written] == ["instances"]
+    (root / "probe").mkdir()
+    (root / "probe" / "instances-000000.tar").touch()
+    demo.write_data(root, progress=False, variant="instances")
+    assert len(written) == 1 and "(already written)" in capsys.readouterr().out
+    plain = tmp_path / "digits"  # the plain demo has no probe split
+    for split in ("train", "val", "test", "tokenizer"):
+        (plain / split).mkdir(parents=True)
+        (plain / split / "digits-000000.tar").touch()
+    demo.write_data(plain, progress=False, variant="digits")
+    assert len(written) == 1

@@ -16,8 +16,10 @@ Training samples carry several captions in `json["captions"]` (drawn one per epo
 a numeral, one naming the digit and one attribute, and two of the plain demo's class captions,
 so that the digit, which in-batch negatives seldom need, is learnt, and prompts that name only
 the digit work. Validation and test samples carry only the full caption (retrieval counts
-exactly the image's own caption) and the held-out prompts in `json["zeroshot_captions"]`. The
-same seed gives byte-identical shards.
+exactly the image's own caption) and the held-out prompts in `json["zeroshot_captions"]`.
+A fourth split, "probe", draws each validation scan `PROBE_RENDERS` times afresh, as validation
+samples are drawn: training data for linear probes that the CLIP never trained on. The same
+seed gives byte-identical shards.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ from multimodal.data.shards import Sample, encode_png
 PREFIX = "instances"
 IMAGE_SIZE = 32  # default side of the rendered images: 4x4 patches of 8 px
 TRAIN_RENDERS = 8  # renderings of each training scan, each in other attributes
+# Renderings of each validation scan in the "probe" split: data for a linear probe of a demo
+# CLIP's image features that the CLIP never trained on (CLIP's own protocol: its probes fit on
+# datasets it did not see). Probes fitted on the training renderings learn from features the
+# CLIP has memorised (zero-shot top-1 0.997 on them, 0.948 on the validation scans), so their
+# validation split cannot choose C; see README, "Linear probe and k-NN".
+PROBE_RENDERS = 8
+PROBE_STREAM = 1  # the probe split's random stream: default_rng([seed, PROBE_STREAM])
+SPLITS = ("train", "val", "test", "probe")
 # Share of the training renderings drawn in black ink on white, as the plain scans are (size
 # and position still drawn at random). With every ink on every background equally often the
 # demo CLIP never found the digits: zero-shot at chance (8-13%) after 632 steps, the same with
@@ -202,18 +212,23 @@ def instance_samples(
     test_fraction: float = 0.15,
     train_renders: int = TRAIN_RENDERS,
     ink_on_paper_share: float = INK_ON_PAPER_SHARE,
+    probe_renders: int = PROBE_RENDERS,
 ) -> Iterator[Sample]:
     """Every scan as an instance sample (keys `instances-NNNNNN` by scan index), with the split
     of the plain demo (`split_indices`, the same `seed`); then `train_renders - 1` more passes
     over the training scans, each scan drawn again in other attributes (keys
     `instances-NNNNNN-rR`, R = 1 ..). A training rendering is drawn in black on white with
-    probability `ink_on_paper_share`. See the module docstring."""
+    probability `ink_on_paper_share`. Last, split "probe": `probe_renders` passes over the
+    validation scans, drawn afresh as the validation split is (keys `instances-NNNNNN-rR`,
+    R = 0 ..; `PROBE_RENDERS`). See the module docstring."""
     if image_size < 16:
         raise ValueError(f"image_size={image_size} must be >= 16 pixels for the instance demo")
     if isinstance(train_renders, bool) or not isinstance(train_renders, int) or train_renders < 1:
         raise ValueError(f"train_renders={train_renders!r} must be an int >= 1")
     if not 0 <= ink_on_paper_share <= 1:
         raise ValueError(f"ink_on_paper_share={ink_on_paper_share} must be in [0, 1]")
+    if isinstance(probe_renders, bool) or not isinstance(probe_renders, int) or probe_renders < 0:
+        raise ValueError(f"probe_renders={probe_renders!r} must be an int >= 0")
     _, labels = load_digit_images(8)
     inks = _inks(image_size)
     splits = split_indices(len(labels), val_fraction, test_fraction, seed=seed)
@@ -229,28 +244,48 @@ def instance_samples(
                 continue
             if split == "train" and rng.random() < ink_on_paper_share:
                 instance = dataclasses.replace(instance, colour="black", background="white")
-            image = render_instance(inks[instance.size][index], instance, image_size, rng)
-            caption = instance.caption()
-            meta: dict[str, object] = {
-                "label": instance.label,
-                "class_name": CLASS_NAMES[instance.label],
-                "attributes": {
-                    "colour": instance.colour,
-                    "size": instance.size,
-                    "position": instance.position,
-                    "background": instance.background,
-                },
-                "vqa": vqa_pairs(instance.label),
-                "split": split,
-            }
-            if split == "train":
-                meta["captions"] = _training_captions(instance, rng)
-            else:
-                meta["captions"] = [caption]
-                meta["zeroshot_captions"] = render_captions(instance.label, HELD_OUT_TEMPLATES)
             key = f"{PREFIX}-{index:06d}" + (f"-r{render}" if render else "")
-            png = encode_png(Image.fromarray(image))
-            yield {"__key__": key, "png": png, "txt": caption, "json": meta}
+            yield _sample(key, split, instance, inks[instance.size][index], image_size, rng)
+    # the probe split draws from a stream of its own: the splits above stay byte-identical
+    probe_rng = np.random.default_rng([seed, PROBE_STREAM])
+    for render in range(probe_renders):
+        instances = draw_instances(labels, probe_rng)
+        for index in splits["val"].tolist():
+            instance, key = instances[index], f"{PREFIX}-{index:06d}-r{render}"
+            yield _sample(key, "probe", instance, inks[instance.size][index], image_size, probe_rng)
+
+
+def _sample(
+    key: str,
+    split: str,
+    instance: DigitInstance,
+    ink: np.ndarray,
+    image_size: int,
+    rng: np.random.Generator,
+) -> Sample:
+    """The shard sample of one rendering (training captions drawn from `rng` after the
+    pixels)."""
+    image = render_instance(ink, instance, image_size, rng)
+    caption = instance.caption()
+    meta: dict[str, object] = {
+        "label": instance.label,
+        "class_name": CLASS_NAMES[instance.label],
+        "attributes": {
+            "colour": instance.colour,
+            "size": instance.size,
+            "position": instance.position,
+            "background": instance.background,
+        },
+        "vqa": vqa_pairs(instance.label),
+        "split": split,
+    }
+    if split == "train":
+        meta["captions"] = _training_captions(instance, rng)
+    else:
+        meta["captions"] = [caption]
+        meta["zeroshot_captions"] = render_captions(instance.label, HELD_OUT_TEMPLATES)
+    png = encode_png(Image.fromarray(image))
+    return {"__key__": key, "png": png, "txt": caption, "json": meta}
 
 
 def instance_count(
@@ -259,12 +294,15 @@ def instance_count(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     train_renders: int = TRAIN_RENDERS,
+    probe_renders: int = PROBE_RENDERS,
 ) -> int:
     """How many samples `instance_samples` yields with the same arguments (for progress
-    bars): every scan once, and the training scans `train_renders - 1` times more."""
+    bars): every scan once, the training scans `train_renders - 1` times more and the
+    validation scans `probe_renders` times more."""
     _, labels = load_digit_images(8)
     splits = split_indices(len(labels), val_fraction, test_fraction, seed=seed)
-    return len(labels) + (train_renders - 1) * len(splits["train"])
+    extra = (train_renders - 1) * len(splits["train"]) + probe_renders * len(splits["val"])
+    return len(labels) + extra
 
 
 def _training_captions(instance: DigitInstance, rng: np.random.Generator) -> list[str]:

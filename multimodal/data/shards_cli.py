@@ -8,7 +8,7 @@ import itertools
 import re
 from collections.abc import Mapping
 
-from multimodal.data.instances import TRAIN_RENDERS
+from multimodal.data.instances import PROBE_RENDERS, TRAIN_RENDERS
 from multimodal.data.shards import (
     CLASSIFICATION_TEMPLATES,
     WriteSummary,
@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
             "Write the 1,797 bundled digits (train/val/test 70/15/15) as PNG shards. "
             "--variant instances draws each digit in a colour, size, position and background "
             "that its caption names (unique captions: instance-level retrieval), and its "
-            f"training scans {TRAIN_RENDERS} times each."
+            f"training scans {TRAIN_RENDERS} times each; its probe/ split draws the "
+            f"validation scans {PROBE_RENDERS} times afresh (data for linear probes)."
         ),
     )
     _common(demo, prefix=None)

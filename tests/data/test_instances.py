@@ -82,9 +82,10 @@ def measured_attributes(image: np.ndarray) -> dict[str, str]:
 
 
 def test_captions_name_the_rendered_colour_size_position_and_background(samples):
-    # the first 300 samples (fixed seed): every attribute of the caption is what the pixels show
+    # the first 300 samples and 100 of the probe split (fixed seed): every attribute of the caption is what the pixels show
     seen = {name: set() for name in ("colour", "size", "position", "background")}
-    for sample in samples[:N_CHECKED]:
+    probe = [s for s in samples if s["json"]["split"] == "probe"]
+    for sample in samples[:N_CHECKED] + probe[:100]:
         meta = sample["json"]
         image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
         assert image.shape == (inst.IMAGE_SIZE, inst.IMAGE_SIZE, 3)
@@ -125,8 +126,9 @@ def test_the_digit_is_the_scan_of_its_label(samples):
 
 
 def test_every_caption_is_unique_and_the_training_captions_vary(samples):
-    assert len(samples) == inst.instance_count() == 1797 + (inst.TRAIN_RENDERS - 1) * 1257
-    held_out = [s for s in samples if s["json"]["split"] != "train"]
+    renders = (inst.TRAIN_RENDERS - 1) * 1257 + inst.PROBE_RENDERS * 270
+    assert len(samples) == inst.instance_count() == 1797 + renders
+    held_out = [s for s in samples if s["json"]["split"] in ("val", "test")]
     assert len({s["txt"] for s in held_out}) == len(held_out) == 540  # retrieval's captions
     assert len({s["png"] for s in samples}) == len(samples)
     for sample in samples:
@@ -171,12 +173,41 @@ def test_training_renders_each_scan_several_times_a_share_in_black_on_white(samp
     held_out = [s["json"]["attributes"] for s in samples if s["json"]["split"] != "train"]
     share = np.mean([a["colour"] == "black" and a["background"] == "white" for a in held_out])
     assert share < 0.1  # evaluation draws every combination alike
-    none = list(inst.instance_samples(train_renders=1, ink_on_paper_share=0.0))
+    none = list(inst.instance_samples(train_renders=1, ink_on_paper_share=0.0, probe_renders=0))
     assert len(none) == 1797
     with pytest.raises(ValueError, match="train_renders=0"):
         next(inst.instance_samples(train_renders=0))
     with pytest.raises(ValueError, match="ink_on_paper_share=1.5"):
         next(inst.instance_samples(ink_on_paper_share=1.5))
+
+
+def test_the_probe_split_draws_each_validation_scan_afresh(samples):
+    val = {s["__key__"]: s for s in samples if s["json"]["split"] == "val"}
+    probe = [s for s in samples if s["json"]["split"] == "probe"]
+    assert len(probe) == inst.PROBE_RENDERS * len(val) == 2160
+    by_scan: dict[str, list[dict]] = {}
+    for sample in probe:
+        by_scan.setdefault(sample["__key__"].rsplit("-r", 1)[0], []).append(sample)
+    assert set(by_scan) == set(val)  # the validation scans, none of train or test
+    for scan, renders in by_scan.items():
+        assert [s["__key__"] for s in renders] == [f"{scan}-r{r}" for r in range(8)]
+        assert {s["json"]["label"] for s in renders} == {val[scan]["json"]["label"]}
+        for sample in renders:  # captioned and prompted as validation samples are
+            meta = sample["json"]
+            assert meta["captions"] == [sample["txt"]] and "zeroshot_captions" in meta
+    pixels = {s["png"] for s in samples if s["json"]["split"] != "probe"}
+    assert not pixels & {s["png"] for s in probe}
+    attributes = [s["json"]["attributes"] for s in probe]
+    share = np.mean([a["colour"] == "black" and a["background"] == "white" for a in attributes])
+    assert share < 0.1  # drawn as the evaluation splits are, not as training
+    # a stream of its own: without the probe split every other sample is byte-identical
+    without = list(inst.instance_samples(probe_renders=0))
+    assert [(s["__key__"], s["png"], s["json"]) for s in without] == [
+        (s["__key__"], s["png"], s["json"]) for s in samples[: len(without)]
+    ]
+    assert len(without) == inst.instance_count(probe_renders=0) == len(samples) - 2160
+    with pytest.raises(ValueError, match="probe_renders=-1"):
+        next(inst.instance_samples(probe_renders=-1))
 
 
 def test_the_split_is_the_plain_demo_split(samples):
@@ -233,6 +264,10 @@ def test_the_cli_writes_the_instance_shards_and_tokenizer(tmp_path):
     for split, indices in splits.items():
         written = [k for k in read_split(out / split) if "-r" not in k]  # first renderings
         assert sorted(written) == [f"instances-{i:06d}" for i in indices]
+    probe = read_split(out / "probe")
+    assert sorted({k.rsplit("-r", 1)[0] for k in probe}) == [
+        f"instances-{i:06d}" for i in sorted(splits["val"])
+    ]
     sample = read_split(out / "test")[f"instances-{splits['test'][0]:06d}"]
     assert Image.open(io.BytesIO(sample["png"])).size == (40, 40)
     assert sample["json"]["captions"] == [sample["txt"]]
