@@ -82,7 +82,8 @@ def measured_attributes(image: np.ndarray) -> dict[str, str]:
 
 
 def test_captions_name_the_rendered_colour_size_position_and_background(samples):
-    # the first 300 samples and 100 of the probe split (fixed seed): every attribute of the caption is what the pixels show
+    # the first 300 samples and 100 of the probe split (fixed seed): every attribute of the
+    # caption is what the pixels show
     seen = {name: set() for name in ("colour", "size", "position", "background")}
     probe = [s for s in samples if s["json"]["split"] == "probe"]
     for sample in samples[:N_CHECKED] + probe[:100]:
