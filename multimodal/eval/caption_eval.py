@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from multimodal.data.shards_datamodules import ImageTextDataModule
-from multimodal.eval.caption_metrics import caption_metrics, cider_d_scores
+from multimodal.eval.caption_metrics import bleu_caveats, caption_metrics, cider_d_scores
 from multimodal.eval.evaluate import attention_or_note, images_by_key, pixels_by_key, to_display
 from multimodal.eval.generation_eval import (
     PREDICTIONS_FILE,
@@ -185,6 +185,11 @@ def score_captions(records: Sequence[CaptionRecord]) -> tuple[dict[str, Any], li
     return metrics, cider_d_scores(candidates, references)
 
 
+def caveats(captions: Sequence[str]) -> dict[str, str]:
+    """Report explanations: a warning beside each BLEU-n that is 0 by construction."""
+    return {f"caption/{name}": f"⚠ {why}" for name, why in bleu_caveats(captions).items()}
+
+
 def definitions_section() -> Section:
     """One line per metric saying what it is."""
     return Section(
@@ -293,6 +298,7 @@ def caption_eval_main(argv: Sequence[str]) -> int:
             *attention,
         ],
         meta=run_meta(run, args, generation=describe_generation(generation)),
+        explanations=caveats([r.generated for r in records]),
     )
     paths = write_report(report, args.out, meta_in_json=True)
     write_jsonl(

@@ -22,7 +22,15 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["bleu", "caption_metrics", "cider_d", "cider_d_scores", "rouge_l", "tokenize_caption"]
+__all__ = [
+    "bleu",
+    "bleu_caveats",
+    "caption_metrics",
+    "cider_d",
+    "cider_d_scores",
+    "rouge_l",
+    "tokenize_caption",
+]
 
 Tokens = list[str]
 NGram = tuple[str, ...]
@@ -265,4 +273,19 @@ def caption_metrics(
         "rouge_l": _rouge_l(cands, refs, 1.2),
         "cider_d": _cider_d(cands, refs, 4, 6.0),
         "exact_match": sum(c in rs for c, rs in zip(cands, refs, strict=True)) / len(cands),
+    }
+
+
+def bleu_caveats(candidates: Sequence[str], max_n: int = 4) -> dict[str, str]:
+    """{"bleu_n": why} for each n <= max_n whose BLEU-n is 0 by construction: no candidate has
+    n tokens, so there is no n-gram to match. Short captions ("the digit seven") score BLEU-4
+    = 0 even when every one equals a reference; reports say so next to the figure."""
+    longest = max((len(tokenize_caption(c)) for c in candidates), default=0)
+    return {
+        f"bleu_{n}": (
+            f"0 by construction: no caption written has {n} tokens (the longest has "
+            f"{longest}), so no {n}-gram can match; ROUGE-L, CIDEr-D and exact match still "
+            "score them"
+        )
+        for n in range(longest + 1, max_n + 1)
     }

@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from multimodal.adapt import AdaptConfig
-from multimodal.eval.caption_metrics import caption_metrics
+from multimodal.eval.caption_metrics import bleu_caveats, caption_metrics
 from multimodal.models.captioner import Captioner, CaptionerOutput
 from multimodal.models.losses import caption_loss, clip_loss
 from multimodal.tasks.accumulation import AccumulatingTask
@@ -246,6 +247,8 @@ class Captioning(AccumulatingTask):
         metrics = caption_metrics(list(candidates), [list(r) for r in references])
         for name in ("bleu_4", "rouge_l", "cider_d"):
             self.log(f"val/{name}", metrics[name])  # equal on every rank
+        if "bleu_4" in (caveats := bleu_caveats(candidates)):
+            rank_zero_warn(f"val/bleu_4 is {caveats['bleu_4']}")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         """Rows of `multimodal predict`: `keys` and the `caption` written for each image

@@ -13,6 +13,7 @@ from torchmetrics.functional.text import bleu_score
 
 from multimodal.eval.caption_metrics import (
     bleu,
+    bleu_caveats,
     caption_metrics,
     cider_d,
     rouge_l,
@@ -171,6 +172,20 @@ def test_perfect_candidates_score_one_and_exact_match_ignores_case_and_punctuati
     assert metrics["rouge_l"] == pytest.approx(1.0)
     assert metrics["exact_match"] == 1.0
     assert caption_metrics(["a man riding"], references[:1])["exact_match"] == 0.0
+
+
+def test_bleu_of_captions_without_n_grams_is_zero_and_flagged():
+    """Captions equal to their references but of 3 tokens: BLEU-1..3 are 1, BLEU-4 0 (no
+    4-gram to match), and `bleu_caveats` names BLEU-4 alone; a 4-token caption clears it."""
+    candidates, references = ["the digit seven", "A handwritten 7"], [["the digit seven"]] * 2
+    references[1] = ["a handwritten 7", "a photo of the number seven"]
+    metrics = caption_metrics(candidates, references)
+    assert [metrics[f"bleu_{n}"] for n in range(1, 4)] == pytest.approx([1.0, 1.0, 1.0])
+    assert metrics["bleu_4"] == 0.0 and metrics["exact_match"] == 1.0
+    caveats = bleu_caveats(candidates)
+    assert list(caveats) == ["bleu_4"] and "no caption written has 4 tokens" in caveats["bleu_4"]
+    assert list(bleu_caveats(["a"])) == ["bleu_2", "bleu_3", "bleu_4"]
+    assert bleu_caveats([*candidates, "a photo of the number seven"]) == {}
 
 
 def test_cider_d_by_hand_on_three_images():

@@ -211,6 +211,16 @@ def test_caption_eval_overrides_generation(caption_run, tmp_path):
     for row in _predictions(out):
         full = captions[row["key"]]
         assert len(row["generated"].split()) <= 2 and full.startswith(row["generated"])
+    # no caption has 3 tokens: BLEU-3 and BLEU-4 are 0 by construction, and the report says so
+    assert json.loads((out / "metrics.json").read_text())["caption"]["bleu_4"] == 0.0
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in (out / "summary.md").read_text().splitlines()
+        if line.startswith("| caption/")
+    }
+    for n in (3, 4):
+        assert "⚠ 0 by construction" in rows[f"caption/bleu_{n}"], rows
+    assert "⚠" not in rows["caption/rouge_l"]
 
 
 # --------------------------------------------------------------------------- VQA

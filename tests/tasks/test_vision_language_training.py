@@ -80,3 +80,20 @@ def test_config_forward_backward_under_fp16_autocast(config, demo_shards):
     assert torch.isfinite(loss)
     grads = [p.grad for p in task.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_captioning_warns_when_bleu_4_is_zero_by_construction(demo_shards):
+    """Captions of at most 2 tokens have no 4-gram: validation logs BLEU-4 = 0 and says why."""
+    config = "caption/digits.yaml"
+    cli = cli_from_config(
+        config,
+        *data_overrides(config, demo_shards),
+        "--model.init_args.generation.max_new_tokens", "2",
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "1",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0",
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="val/bleu_4 is 0 by construction: no caption written"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert float(cli.trainer.callback_metrics["val/bleu_4"]) == 0.0

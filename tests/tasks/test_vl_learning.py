@@ -26,9 +26,13 @@ def fit_config(config: str, shards) -> dict[str, float]:
 def test_captioning_config_writes_the_digit_captions(demo_shards):
     # 15 epochs (fp32): 97.4% exact match, BLEU-4 0.985
     metrics = fit_config("caption/digits.yaml", demo_shards)
-    assert metrics["val/exact_match"] >= 0.90, metrics
-    # a caption equal to one of its references has BLEU 1 against them
-    assert metrics["val/bleu_4"] >= 0.85 and metrics["val/rouge_l"] >= 0.85, metrics
+    val = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
+    assert val["val/exact_match"] >= 0.90, val
+    assert val["val/rouge_l"] >= 0.85, val
+    # captions equal to one of their references have BLEU-4 near 1, unless the model chose the
+    # 3-word templates ("the digit seven") for every image: no 4-grams, BLEU-4 0 by
+    # construction (seen once in a full suite; the task warns, caption-eval marks it)
+    assert val["val/bleu_4"] >= 0.85 or val["val/bleu_4"] == 0.0, val
 
 
 @pytest.mark.slow
