@@ -632,10 +632,23 @@ def _shuffle(src: Iterator, bufsize: int, rng: random.Random) -> Iterator:
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
 
 
+def shard_name(url: str | None) -> str | None:
+    """The file name of a shard URL (`/data/train/a-000.tar`, `s3://b/a-000.tar`,
+    `pipe:curl -s https://h/a-000.tar` -> `a-000.tar`): what names a shard wherever its
+    dataset lives."""
+    if url is None:
+        return None
+    if url.startswith("pipe:"):
+        url = (url.split() or [url])[-1]
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def sample_seed(seed: int | str, epoch: int, raw: Mapping[str, Any]) -> int:
     """The seed of one sample's augmentations: a function of the sample, not of the slot or
-    the time it is read, so that a resumed run transforms it as the uninterrupted one."""
-    text = f"{seed}:{epoch}:{raw.get('__url__')}:{raw.get('__key__')}"
+    the time it is read, so that a resumed run transforms it as the uninterrupted one; and of
+    the shard's file name, not its path, so that the same shards give the same run wherever
+    they are (another checkout, a copy on local disk, a pytest tmp_path)."""
+    text = f"{seed}:{epoch}:{shard_name(raw.get('__url__'))}:{raw.get('__key__')}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 

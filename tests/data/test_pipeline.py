@@ -30,6 +30,7 @@ from multimodal.data import (
     decode_sample,
     expand_urls,
 )
+from multimodal.data.pipeline import shard_name
 from multimodal.tasks import ImageClassifier
 from tests.helpers import quiet_trainer
 from text.tokenizer import load_tokenizer
@@ -344,6 +345,57 @@ def test_image_text_datamodule_batches(tmp_path, clip_tokenizer):
     (val_batch,) = list(check.val_dataloader())
     assert val_batch["labels"].tolist() == [0, -1]
     assert clip_tokenizer.decode(val_batch["input_ids"][0]) == "a photo 0"
+
+
+def test_shard_name_is_the_file_name_wherever_the_shard_is():
+    for url in (
+        "/data/train/a-000.tar",
+        "a-000.tar",
+        "s3://bucket/x/a-000.tar",
+        "https://host/x/a-000.tar",
+        "pipe:curl -s -L https://host/x/a-000.tar",
+    ):
+        assert shard_name(url) == "a-000.tar", url
+    assert shard_name(None) is None
+
+
+def test_the_same_shards_in_another_folder_give_the_same_augmented_batches(tmp_path):
+    """Augmentations and the caption drawn per sample are seeded by the shard's file name and
+    the key, not its path: `make demo` in another checkout (or a test's tmp_path) trains on
+    the same batches. A different seed must change them, so the equality is not vacuous."""
+    records = [
+        sample(f"s{n:03d}", n, meta={"captions": [f"first {n}", f"second {n}", f"third {n}"]})
+        for n in range(12)
+    ]
+    here = tmp_path / "here"
+    here.mkdir()
+    write_shard(here / "train-000000.tar", records[:7])
+    write_shard(here / "train-000001.tar", records[7:])
+    there = tmp_path / "a" / "copy" / "elsewhere"
+    there.mkdir(parents=True)
+    for tar in here.iterdir():
+        (there / tar.name).write_bytes(tar.read_bytes())
+    augment = ImageTransformConfig(image_size=32, train_scale=(0.3, 1.0), hflip=0.5)
+
+    def batches(folder: Path, seed: int) -> list[dict]:
+        dm = ImageTextDataModule(
+            str(folder), str(folder), context_length=8, transform=augment, batch_size=4,
+            num_workers=0, seed=seed,
+        )  # fmt: skip
+        dm.setup("fit")
+        return list(dm.train_dataloader())
+
+    def same(a: list[dict], b: list[dict]) -> bool:
+        return all(
+            x["keys"] == y["keys"]
+            and torch.equal(x["images"], y["images"])
+            and torch.equal(x["input_ids"], y["input_ids"])
+            for x, y in zip(a, b, strict=True)
+        )
+
+    reference = batches(here, seed=0)
+    assert same(reference, batches(there, seed=0))
+    assert not same(reference, batches(here, seed=1))
 
 
 def vqa_shard(folder: Path) -> str:
