@@ -20,9 +20,10 @@ instead (the pass repeats, reshuffled); `resampled` draws shards with replacemen
 
 Exact resume. Everything random is a function of (seed, epoch, slot, sample key): the shard
 order, the shuffle buffer and each sample's augmentations (Python, NumPy and torch RNGs are
-seeded per sample). Each batch carries its slot's cursor (raw samples read, items of the
-current sample already used, batches yielded). `ShardLoader.state_dict()` holds the epoch
-and these cursors (a few integers, whatever the shuffle buffer size); after
+seeded per sample, by the shard's file name and the key: not by its path, so the same shards
+in another folder give the same run). Each batch carries its slot's cursor (raw samples read,
+items of the current sample already used, batches yielded). `ShardLoader.state_dict()` holds
+the epoch and these cursors (a few integers, whatever the shuffle buffer size); after
 `load_state_dict`, each slot re-reads its shards from the start of the epoch, skipping the raw
 samples it had read without decoding them (the shuffle buffer is rebuilt from the shards, not
 stored), and goes on with exactly the batches the interrupted run would have produced.
