@@ -362,7 +362,8 @@ def test_shard_name_is_the_file_name_wherever_the_shard_is():
 def test_the_same_shards_in_another_folder_give_the_same_augmented_batches(tmp_path):
     """Augmentations and the caption drawn per sample are seeded by the shard's file name and
     the key, not its path: `make demo` in another checkout (or a test's tmp_path) trains on
-    the same batches. A different seed must change them, so the equality is not vacuous."""
+    the same batches, and a job that resumes with its shards staged elsewhere (a node's local
+    disk) goes on exactly. A different seed must change them, so the equality is not vacuous."""
     records = [
         sample(f"s{n:03d}", n, meta={"captions": [f"first {n}", f"second {n}", f"third {n}"]})
         for n in range(12)
@@ -377,13 +378,16 @@ def test_the_same_shards_in_another_folder_give_the_same_augmented_batches(tmp_p
         (there / tar.name).write_bytes(tar.read_bytes())
     augment = ImageTransformConfig(image_size=32, train_scale=(0.3, 1.0), hflip=0.5)
 
-    def batches(folder: Path, seed: int) -> list[dict]:
+    def loader(folder: Path, seed: int = 0):
         dm = ImageTextDataModule(
             str(folder), str(folder), context_length=8, transform=augment, batch_size=4,
             num_workers=0, seed=seed,
         )  # fmt: skip
         dm.setup("fit")
-        return list(dm.train_dataloader())
+        return dm.train_dataloader()
+
+    def batches(folder: Path, seed: int) -> list[dict]:
+        return list(loader(folder, seed))
 
     def same(a: list[dict], b: list[dict]) -> bool:
         return all(
@@ -394,8 +398,15 @@ def test_the_same_shards_in_another_folder_give_the_same_augmented_batches(tmp_p
         )
 
     reference = batches(here, seed=0)
+    assert len(reference) == 3
     assert same(reference, batches(there, seed=0))
     assert not same(reference, batches(here, seed=1))
+
+    interrupted = loader(here)
+    next(iter(interrupted))
+    resumed = loader(there)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert same(reference[1:], list(resumed))
 
 
 def vqa_shard(folder: Path) -> str:
