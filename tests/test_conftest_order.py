@@ -1,11 +1,14 @@
-"""The suite's schedule hint (tests/conftest.py): the longest tests are collected first."""
+"""The suite's schedule (tests/conftest.py): the longest tests are collected first, and an
+xdist group that pytest-xdist left untagged is caught."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.conftest import LONGEST_FIRST, longest_first
+import pytest
+
+from tests.conftest import LONGEST_FIRST, longest_first, ungrouped
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +37,15 @@ def test_the_longest_modules_come_first_then_the_slow_ones_then_the_rest():
         ("tests/a/test_fast.py", False),
         ("tests/c/test_fast.py", False),
     ]
+
+
+def test_an_xdist_group_left_untagged_is_named():
+    def item(nodeid: str, group: str | None) -> SimpleNamespace:
+        marks = [pytest.mark.xdist_group(group).mark] if group else []
+        return SimpleNamespace(nodeid=nodeid, iter_markers=lambda name: iter(marks))
+
+    tagged = item("tests/test_demo_figures.py::test_a@demo_figures", "demo_figures")
+    plain = item("tests/test_x.py::test_b", None)
+    assert ungrouped([tagged, plain]) == []
+    lost = item("tests/test_demo_figures.py::test_a", "demo_figures")  # pytest 9.2 + xdist 3.8
+    assert ungrouped([tagged, lost, plain]) == ["tests/test_demo_figures.py::test_a"]
