@@ -110,10 +110,10 @@ def trained_digits_clip(demo_shards, tmp_path_factory):
     split, images never trained on) and a checkpoint `load_task` reads. The learning tests of
     CLIP, distillation and int8 quantization share it instead of each training their own.
 
-    Under pytest-xdist their `xdist_group` mark usually sends them to one worker, but the
-    scheduler does not guarantee it (measured: it split the group in 2 of 4 runs), so the
-    workers share one checkpoint in the run's temp folder: the first trains it under a file
-    lock, the others wait and load its weights."""
+    Under pytest-xdist their `xdist_group` mark sends them to one worker (a split measured in
+    2 of 4 runs was likely pytest 9.2 leaving the groups untagged: see `ungrouped`); should they
+    still land on two, the workers share one checkpoint in the run's temp folder: the first
+    trains it under a file lock, the others wait and load its weights."""
     from filelock import FileLock
 
     from tests.helpers import cli_from_config, save_task
