@@ -52,8 +52,9 @@ def ungrouped(items: list[pytest.Item]) -> list[str]:
     """The node ids of tests marked `xdist_group` that pytest-xdist's `--dist loadgroup` did not
     tag with their group (`...::test@group`): its scheduler then sends them to any worker, and
     a module fixture meant to run once (the demo run) runs on each. pytest 9.2 broke the tag
-    (xdist 3.8 sets `item._nodeid`, which 9.2's `nodeid` no longer reads): hence `pytest<9.2`
-    in the dev extra, and this check, so that a future break fails loudly."""
+    (xdist 3.8 sets `item._nodeid`, which 9.2's `nodeid` no longer reads; pytest-xdist issue
+    #1386): hence `pytest<9.2` in the dev extra, and this check, so that a future break fails
+    loudly."""
     return [
         item.nodeid
         for item in items
