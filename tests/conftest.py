@@ -58,7 +58,7 @@ def ungrouped(items: list[pytest.Item]) -> list[str]:
     return [
         item.nodeid
         for item in items
-        if any(True for _ in item.iter_markers("xdist_group")) and "@" not in item.nodeid
+        if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid
     ]
 
 

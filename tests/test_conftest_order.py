@@ -41,8 +41,8 @@ def test_the_longest_modules_come_first_then_the_slow_ones_then_the_rest():
 
 def test_an_xdist_group_left_untagged_is_named():
     def item(nodeid: str, group: str | None) -> SimpleNamespace:
-        marks = [pytest.mark.xdist_group(group).mark] if group else []
-        return SimpleNamespace(nodeid=nodeid, iter_markers=lambda name: iter(marks))
+        mark = pytest.mark.xdist_group(group).mark if group else None
+        return SimpleNamespace(nodeid=nodeid, get_closest_marker=lambda name: mark)
 
     tagged = item("tests/test_demo_figures.py::test_a@demo_figures", "demo_figures")
     plain = item("tests/test_x.py::test_b", None)

@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -372,10 +373,7 @@ def test_the_same_shards_in_another_folder_give_the_same_augmented_batches(tmp_p
     here.mkdir()
     write_shard(here / "train-000000.tar", records[:7])
     write_shard(here / "train-000001.tar", records[7:])
-    there = tmp_path / "a" / "copy" / "elsewhere"
-    there.mkdir(parents=True)
-    for tar in here.iterdir():
-        (there / tar.name).write_bytes(tar.read_bytes())
+    there = shutil.copytree(here, tmp_path / "a" / "copy" / "elsewhere")
     augment = ImageTransformConfig(image_size=32, train_scale=(0.3, 1.0), hflip=0.5)
 
     def loader(folder: Path, seed: int = 0):
@@ -386,9 +384,6 @@ def test_the_same_shards_in_another_folder_give_the_same_augmented_batches(tmp_p
         dm.setup("fit")
         return dm.train_dataloader()
 
-    def batches(folder: Path, seed: int) -> list[dict]:
-        return list(loader(folder, seed))
-
     def same(a: list[dict], b: list[dict]) -> bool:
         return all(
             x["keys"] == y["keys"]
@@ -397,10 +392,10 @@ def test_the_same_shards_in_another_folder_give_the_same_augmented_batches(tmp_p
             for x, y in zip(a, b, strict=True)
         )
 
-    reference = batches(here, seed=0)
+    reference = list(loader(here))
     assert len(reference) == 3
-    assert same(reference, batches(there, seed=0))
-    assert not same(reference, batches(here, seed=1))
+    assert same(reference, list(loader(there)))
+    assert not same(reference, list(loader(here, seed=1)))
 
     interrupted = loader(here)
     next(iter(interrupted))
